@@ -1,0 +1,100 @@
+"""Build the trainer's components from a validated config (model, adapters, data, reward, PPO)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"hardware.device={name} but CUDA is not available; use hardware=cpu")
+    return torch.device(name)
+
+
+def configure_hardware(hw_cfg) -> tuple[torch.device, torch.dtype]:
+    if hw_cfg.num_threads:
+        torch.set_num_threads(hw_cfg.num_threads)
+    return resolve_device(hw_cfg.device), DTYPES[hw_cfg.dtype]
+
+
+def build_policy_and_tokenizer(model_cfg, adapter_cfg, device: torch.device, dtype: torch.dtype):
+    from so8t.model.loading import load_base_model
+    from so8t.model.policy import build_policy
+
+    base, tokenizer = load_base_model(model_cfg, dtype=dtype, device=device)
+    policy = build_policy(base, adapter_cfg).to(device)
+    return policy, tokenizer
+
+
+def build_gate_schedule(adapter_cfg):
+    if adapter_cfg.kind != "so8":
+        return None
+    from so8t.model.gate import GateSchedule
+
+    gate = adapter_cfg.gate
+    return GateSchedule(gate.kind, gate.start, gate.target, gate.steps, gate.steepness)
+
+
+@dataclass
+class Components:
+    trainer: object
+    policy: object
+    tokenizer: object
+    device: torch.device
+
+
+def build_components(cfg) -> Components:
+    from so8t.data.prompts import build_prompts
+    from so8t.data.sampler import PromptSampler
+    from so8t.ppo.kl import build_kl_controller
+    from so8t.ppo.schedules import build_lr_scheduler
+    from so8t.ppo.trainer import PPOTrainer
+    from so8t.rewards import build_reward
+
+    device, dtype = configure_hardware(cfg.hardware)
+    seed_everything(cfg.seed)
+    policy, tokenizer = build_policy_and_tokenizer(cfg.model, cfg.adapter, device, dtype)
+    if cfg.hardware.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    prompts = build_prompts(cfg.data, tokenizer)
+    sampler = PromptSampler(len(prompts), cfg.ppo.rollout_batch_size, seed=cfg.seed)
+    opt = cfg.ppo.optimizer
+    optimizer = torch.optim.AdamW(
+        policy.trainable_parameters(), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
+        weight_decay=opt.weight_decay,
+    )
+    trainer = PPOTrainer(
+        policy=policy,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        sampler=sampler,
+        reward_fn=build_reward(cfg.reward),
+        ppo_cfg=cfg.ppo,
+        optimizer=optimizer,
+        lr_scheduler=build_lr_scheduler(optimizer, opt, cfg.max_steps),
+        kl_controller=build_kl_controller(cfg.ppo.kl),
+        gate_schedule=build_gate_schedule(cfg.adapter),
+        micro_batch_size=cfg.hardware.micro_batch_size,
+        device=device,
+    )
+    n_trainable = sum(p.numel() for p in policy.trainable_parameters())
+    log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts", n_trainable,
+             cfg.adapter.kind, len(prompts))
+    return Components(trainer=trainer, policy=policy, tokenizer=tokenizer, device=device)

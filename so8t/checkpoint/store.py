@@ -1,0 +1,416 @@
+"""How checkpoints sit on disk: atomic commit, manifest, verification, loading.
+
+Layout under ``root`` (``<run_dir>/checkpoints``)::
+
+    step_00000040/
+        state.safetensors   every tensor, flat names (weights, optimizer moments, torch RNG)
+        state.json          the rest: a skeleton saying where each tensor goes, plus scalars
+        MANIFEST.json       written last: each file's size and sha256, step, what it covers …
+    LATEST                  name of the newest committed folder, replaced atomically
+
+A checkpoint is complete or it does not exist: everything is written into a dot-named
+temporary folder next to the final one (same file system, so the rename is atomic), each
+file fsynced, the manifest last, then the folder is renamed into place, the parent folder
+fsynced, and only then ``LATEST`` is moved. A crash at any instant leaves either the old set
+of checkpoints plus a temporary folder (removed by :meth:`CheckpointStore.cleanup_temporaries`)
+or the new one.
+
+The store knows nothing about what the tensors mean: it saves a flat tensor dict, a JSON
+document and free-form manifest metadata given by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import secrets
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import safetensors.torch
+import torch
+
+from so8t.checkpoint.errors import CheckpointError
+from so8t.run.atomic import atomic_write_text, fsync_dir
+
+__all__ = [
+    "CheckpointStore",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "TENSORS_FILE",
+    "STATE_FILE",
+    "LATEST_FILE",
+    "checkpoint_name",
+    "parse_step",
+    "library_versions",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "so8t-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "MANIFEST.json"
+TENSORS_FILE = "state.safetensors"
+STATE_FILE = "state.json"
+LATEST_FILE = "LATEST"
+
+# Leftovers of an interrupted operation; all start with "." so they never match step_*.
+TMP_PREFIX = ".tmp-"  # a save in progress
+OLD_PREFIX = ".old-"  # a committed folder moved aside while the same step is re-saved
+DEL_PREFIX = ".del-"  # a folder being deleted by retention
+
+_NAME_RE = re.compile(r"^step_(\d{8,})$")
+# Manifest keys the store owns; caller metadata may not override them.
+_RESERVED = frozenset({"format", "format_version", "step", "created", "created_unix", "files", "versions"})
+_HASH_CHUNK = 1 << 20
+_IS_WINDOWS = os.name == "nt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a committed checkpoint folder name, or ``None`` if it is not one."""
+    match = _NAME_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str | None]:
+    """Versions recorded in every manifest (read from package metadata: no heavy imports)."""
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "safetensors": version("safetensors"),
+        "numpy": version("numpy"),
+        "transformers": version("transformers"),
+        "so8t": version("so8t"),
+        "platform": sys.platform,
+    }
+
+
+class CheckpointStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ write
+
+    def save(
+        self,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        state: Any = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Commit ``step_{step:08d}/`` atomically and point ``LATEST`` at it.
+
+        ``tensors`` must be contiguous CPU tensors the caller no longer mutates (a snapshot);
+        ``state`` any JSON-able document; ``meta`` extra JSON-able manifest keys (what the
+        checkpoint covers, config identity, save reason …). On any error the temporary
+        folder is removed, older checkpoints are untouched, and the error is re-raised.
+        """
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        meta = dict(meta or {})
+        clash = _RESERVED & set(meta)
+        if clash:
+            raise ValueError(f"manifest keys {sorted(clash)} are reserved for the store")
+
+        name = checkpoint_name(step)
+        final = self.root / name
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            files = {
+                TENSORS_FILE: _write_tensors(tmp / TENSORS_FILE, tensors),
+                # allow_nan: Python reads NaN/Infinity back; refusing would crash a save
+                # over one diverged scalar, which is exactly when a checkpoint matters.
+                STATE_FILE: _write_durable(tmp / STATE_FILE, _json_bytes(state)),
+            }
+            now = time.time()
+            manifest = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                **meta,
+                "files": files,
+                "versions": library_versions(),
+                "created": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+                "created_unix": now,
+            }
+            _write_durable(tmp / MANIFEST_FILE, _json_bytes(manifest, indent=2))
+            fsync_dir(tmp)
+            self._commit(tmp, final)
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+        self.write_latest(name)
+        logger.debug("Committed checkpoint %s", final)
+        return final
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        # A folder cannot be renamed over a non-empty folder (and not over any on Windows),
+        # so an existing one — the same step saved again after a resume — is moved aside
+        # first; cleanup_temporaries() puts it back if we crash before the new one is in.
+        aside = None
+        if final.exists():
+            aside = self.root / f"{OLD_PREFIX}{final.name}-{secrets.token_hex(4)}"
+            _replace(final, aside)
+        try:
+            _replace(tmp, final)
+        except BaseException:
+            if aside is not None:
+                _replace(aside, final)
+            raise
+        fsync_dir(self.root)
+        if aside is not None:
+            _remove_tree(aside)
+
+    def write_latest(self, name: str) -> None:
+        atomic_write_text(self.root / LATEST_FILE, name + "\n")
+
+    def delete(self, path: str | os.PathLike[str]) -> bool:
+        """Delete a checkpoint folder this store wrote; refuse (and return False) otherwise."""
+        path = Path(path)
+        if path.parent != self.root or parse_step(path.name) is None or not path.is_dir():
+            logger.warning("Not deleting %s: not a checkpoint folder of %s", path, self.root)
+            return False
+        manifest = _read_json(path / MANIFEST_FILE)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            logger.warning("Not deleting %s: it has no manifest written by SO8T", path)
+            return False
+        # Rename first so a crash mid-delete never leaves a half-empty folder under a
+        # committed name.
+        doomed = self.root / f"{DEL_PREFIX}{path.name}-{secrets.token_hex(4)}"
+        _replace(path, doomed)
+        fsync_dir(self.root)
+        _remove_tree(doomed)
+        return True
+
+    def cleanup_temporaries(self) -> list[Path]:
+        """Remove what an interrupted save or delete left behind; log each one."""
+        if not self.root.is_dir():
+            return []
+        removed: list[Path] = []
+        for entry in sorted(self.root.iterdir()):
+            name = entry.name
+            if name.startswith(OLD_PREFIX):
+                original = self.root / name[len(OLD_PREFIX) :].rsplit("-", 1)[0]
+                if parse_step(original.name) is not None and not original.exists():
+                    # The crash came between moving the old copy aside and moving the new
+                    # one in: the old copy is a complete checkpoint, so put it back.
+                    logger.warning("Restoring checkpoint %s left aside by an interrupted re-save", original.name)
+                    _replace(entry, original)
+                    continue
+                logger.warning("Removing %s left aside by an interrupted re-save", entry)
+            elif name.startswith(TMP_PREFIX):
+                logger.warning("Removing incomplete checkpoint %s left by an interrupted save", entry)
+            elif name.startswith(DEL_PREFIX):
+                logger.warning("Removing %s left by an interrupted delete", entry)
+            elif name.startswith(f".{LATEST_FILE}.") and name.endswith(".tmp"):
+                logger.warning("Removing %s left by an interrupted LATEST update", entry)
+            else:
+                continue
+            _remove_tree(entry)
+            removed.append(entry)
+        if removed:
+            fsync_dir(self.root)
+        return removed
+
+    # ------------------------------------------------------------------ read
+
+    def list_checkpoints(self) -> list[Path]:
+        """Committed ``step_*`` folders, oldest step first. Not verified: see :meth:`verify`."""
+        if not self.root.is_dir():
+            return []
+        found = [(parse_step(p.name), p) for p in self.root.iterdir() if p.is_dir()]
+        return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+    def read_latest(self) -> str | None:
+        """The folder name ``LATEST`` holds, or ``None`` if it is missing or unreadable."""
+        path = self.root / LATEST_FILE
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            logger.warning("Ignoring unreadable %s: %s", path, exc)
+            return None
+        if parse_step(text) is None:
+            logger.warning("Ignoring %s: %r is not a checkpoint folder name", path, text[:80])
+            return None
+        return text
+
+    def verify(self, path: str | os.PathLike[str]) -> list[str]:
+        """Problems that make the checkpoint at ``path`` unusable; empty if it is sound."""
+        path = Path(path)
+        if not path.is_dir():
+            return [f"{path.name} is not a folder"]
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            return [f"missing {MANIFEST_FILE}"]
+        try:
+            manifest = json.loads(manifest_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            return [f"unparsable {MANIFEST_FILE}: {exc}"]
+        if not isinstance(manifest, dict):
+            return [f"unparsable {MANIFEST_FILE}: not a JSON object"]
+
+        problems: list[str] = []
+        if manifest.get("format") != FORMAT_NAME:
+            problems.append(f"{MANIFEST_FILE} format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            problems.append(f"format_version {version!r} is not readable by this SO8T (reads <= {FORMAT_VERSION})")
+        name_step = parse_step(path.name)
+        if name_step is not None and manifest.get("step") != name_step:
+            problems.append(f"step mismatch: folder says {name_step}, manifest says {manifest.get('step')!r}")
+
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            return problems + [f"{MANIFEST_FILE} lists no files"]
+        for required in (TENSORS_FILE, STATE_FILE):
+            if required not in files:
+                problems.append(f"{MANIFEST_FILE} does not list {required}")
+        for name, entry in files.items():
+            # Names come from a file on disk: never let one point outside the folder.
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                problems.append(f"{MANIFEST_FILE} lists an invalid file name {name!r}")
+                continue
+            if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
+                problems.append(f"{MANIFEST_FILE} entry for {name} lacks size or sha256")
+                continue
+            file = path / name
+            if not file.is_file():
+                problems.append(f"missing file {name}")
+                continue
+            size = file.stat().st_size
+            if size != entry["size"]:
+                problems.append(f"size mismatch for {name}: {size} bytes on disk, {entry['size']} in manifest")
+                continue
+            try:
+                digest = _sha256_file(file)
+            except OSError as exc:
+                problems.append(f"cannot read {name}: {exc}")
+                continue
+            if digest != entry["sha256"]:
+                problems.append(f"sha256 mismatch for {name}")
+        return problems
+
+    def read_manifest(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        manifest = _read_json(Path(path) / MANIFEST_FILE)
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{Path(path) / MANIFEST_FILE} is missing or unparsable")
+        return manifest
+
+    def load(self, path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+        """``(tensors, state, manifest)`` of the checkpoint at ``path``.
+
+        Does not verify (call :meth:`verify` first; hashing twice would double resume
+        time). Tensors are read from bytes rather than memory-mapped, so no file stays open:
+        on Windows an open file would block deleting the folder later.
+        """
+        path = Path(path)
+        try:
+            manifest = self.read_manifest(path)
+            state = json.loads((path / STATE_FILE).read_bytes())
+            tensors = safetensors.torch.load((path / TENSORS_FILE).read_bytes())
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+        return tensors, state, manifest
+
+    def size_of(self, path: str | os.PathLike[str]) -> int:
+        """Bytes on disk of the checkpoint folder at ``path`` (0 if unreadable)."""
+        try:
+            return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+        except OSError:
+            return 0
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _json_bytes(obj: Any, indent: int | None = None) -> bytes:
+    return (json.dumps(obj, indent=indent, allow_nan=True) + "\n").encode("utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_durable(path: Path, data: bytes) -> dict[str, Any]:
+    """Write ``data`` to a new file, fsync it; return its manifest entry."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    # Serialise to bytes and write them ourselves rather than safetensors.save_file: its
+    # errors arrive as SafetensorError (a full disk would not be an OSError with errno 28),
+    # it adds its own temporary file, and hashing the bytes in memory avoids reading the
+    # file back. The cost is one transient copy of the (trainable-only) state.
+    return _write_durable(path, safetensors.torch.save(dict(tensors)))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace(src: Path, dst: Path) -> None:
+    # On Windows a rename fails with PermissionError while another process (indexer,
+    # antivirus, a reader) briefly holds a file inside; retry a little there.
+    attempts = 10 if _IS_WINDOWS else 1
+    for i in range(attempts):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.05 * (i + 1))
+
+
+def _remove_tree(path: Path) -> None:
+    """Best-effort removal; a leftover is logged and retried by the next cleanup."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("Could not remove %s: %s", path, exc)

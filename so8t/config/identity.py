@@ -1,0 +1,71 @@
+"""Which config keys shape the result of a run, and names derived from them.
+
+One list of result-neutral keys serves three readers: the default ``run_name`` (so the same
+command lands in the same folder whatever the hardware or cadence), sweep job names, and the
+config identity stored in checkpoints (so a resumed run may change those keys freely).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Iterable, Mapping
+
+# Keys (and everything below them) that cannot change what is learned.
+NEUTRAL_KEYS = (
+    "run_name",
+    "experiment_name",
+    "sweep_name",
+    "max_steps",
+    "resume",
+    "max_wall_seconds",
+    "hardware",
+    "logger",
+    "checkpoint",
+    "paths",
+    "hydra",
+)
+
+MAX_NAME_LENGTH = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+\-]")
+
+
+def is_neutral(key: str) -> bool:
+    key = key.lstrip("+~")
+    return any(key == k or key.startswith(k + ".") or key.startswith(k + "@") for k in NEUTRAL_KEYS)
+
+
+def safe_name(text: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A file-system-safe folder name (Linux and Windows): no separators, no trailing dot."""
+    name = _UNSAFE.sub("_", text).strip(". ")
+    if len(name) > max_length:
+        digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+        name = name[: max_length - 11].rstrip(". ") + "-" + digest
+    return name
+
+
+def name_from_overrides(overrides: Iterable[str], default: str = "default") -> str:
+    """Readable name of the result-shaping overrides, independent of their order."""
+    kept = sorted(o.lstrip("+") for o in overrides if "=" in o and not is_neutral(o.split("=", 1)[0]))
+    return safe_name(",".join(kept)) if kept else default
+
+
+def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def config_identity(cfg: Any) -> dict[str, Any]:
+    """Flat ``{"dotted.key": value}`` of every result-shaping key of a composed config."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, Mapping) else cfg
+    if not isinstance(container, Mapping):
+        raise TypeError("config_identity expects a mapping config")
+    return {k: v for k, v in flatten(container).items() if not is_neutral(k)}

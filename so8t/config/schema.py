@@ -1,0 +1,184 @@
+"""Structured-config schema: one dataclass per config group, registered with Hydra.
+
+The dataclasses make a wrong key or a wrong type fail while Hydra composes the config,
+with a message that names the key. Group options whose shape differs (``adapter=so8`` vs
+``adapter=lora``, ``data=arithmetic`` vs ``data=jsonl``) each get their own schema, which
+the YAML option extends through its defaults list.
+
+Semantic checks (values that are well-typed but make no sense together) live in
+``so8t.config.validate``; this module only declares shapes and defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"
+    path: Optional[str] = None
+    local_files_only: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass
+class GateConfig:
+    kind: str = "constant"
+    start: float = 1.0
+    target: float = 1.0
+    steps: int = 0
+    steepness: float = 10.0
+
+
+@dataclass
+class So8AdapterConfig:
+    kind: str = "so8"
+    layers: Optional[List[int]] = None
+    init_std: float = 0.0
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass
+class LoraAdapterConfig:
+    kind: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["qkv_proj", "o_proj", "lm_head"])
+
+
+@dataclass
+class KLConfig:
+    kind: str = "fixed"
+    init_coef: float = 0.05
+    target: float = 6.0
+    horizon: int = 10000
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class PPOConfig:
+    rollout_batch_size: int = 32
+    mini_batch_size: int = 8
+    ppo_epochs: int = 4
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 1.0
+    kl: KLConfig = field(default_factory=KLConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class RewardTermConfig:
+    weight: float = 1.0
+    # Dotted path of a reward function (a user's or one from ``trl.rewards``).
+    # Built-in terms leave it null and are found by their name.
+    _target_: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    # Values follow RewardTermConfig; typed Any so that `+reward.terms.NAME.weight=…` can add
+    # a term from the command line (OmegaConf cannot create a typed dict entry from a path).
+    # so8t.config.validate checks each term's keys against RewardTermConfig.
+    terms: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ArithmeticDataConfig:
+    source: str = "arithmetic"
+    num_prompts: int = 100
+    min_operand: int = 0
+    max_operand: int = 9
+    seed: int = 1234
+
+
+@dataclass
+class JsonlDataConfig:
+    source: str = "jsonl"
+    path: str = MISSING
+    prompt_field: str = "prompt"
+    reference_field: Optional[str] = "reference"
+    system_field: Optional[str] = "system"
+    # auto: use the tokenizer's chat template when it has one; true/false force it.
+    chat_template: str = "auto"
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class CheckpointConfig:
+    policy: str = "both"
+    every_seconds: float = 180.0
+    every_steps: int = 20
+    keep_last: int = 5
+    keep_every_steps: Optional[int] = None
+    save_on_end: bool = True
+    async_write: bool = True
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_threads: Optional[int] = 2
+    micro_batch_size: Optional[int] = None
+    gradient_checkpointing: bool = False
+    memory_budget_gb: Optional[float] = None
+
+
+@dataclass
+class LoggerConfig:
+    progress_bars: bool = True
+    level: str = "INFO"
+    metrics_file: str = "metrics.jsonl"
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 60
+    experiment_name: str = "default"
+    run_name: str = MISSING
+    resume: str = "auto"
+    max_wall_seconds: Optional[float] = None
+    model: ModelConfig = MISSING
+    adapter: Any = MISSING
+    ppo: PPOConfig = MISSING
+    reward: RewardConfig = MISSING
+    data: Any = MISSING
+    checkpoint: CheckpointConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+
+
+# Schemas by group option kind, used by validation to re-check nodes typed ``Any`` above.
+ADAPTER_SCHEMAS = {"so8": So8AdapterConfig, "lora": LoraAdapterConfig}
+DATA_SCHEMAS = {"arithmetic": ArithmeticDataConfig, "jsonl": JsonlDataConfig}

@@ -1,0 +1,190 @@
+"""Semantic checks of a composed config, run before any model is built.
+
+Hydra and the dataclass schema already reject unknown keys and wrong types; this module
+rejects well-typed values that make no sense (a temperature <= 0, batch sizes that do not
+divide, an unknown reward term ...). Every message names the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from so8t.config import schema
+from so8t.config.schema import ADAPTER_SCHEMAS, DATA_SCHEMAS, RewardTermConfig
+
+
+class ConfigValidationError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _unknown_keys(node: Any, expected: Any, prefix: str = "") -> list[str]:
+    unknown = []
+    for key in node.keys():
+        if key not in list(expected.keys()):
+            unknown.append(f"{prefix}{key}")
+        elif (not OmegaConf.is_missing(expected, key) and isinstance(node[key], DictConfig)
+              and isinstance(expected[key], DictConfig) and expected[key].keys()):
+            unknown.extend(_unknown_keys(node[key], expected[key], f"{prefix}{key}."))
+    return unknown
+
+
+def _check_kind_schema(node: Any, group: str, kind_key: str, schemas: dict, problems: list[str]) -> None:
+    """Re-check a group typed ``Any`` in the top-level schema against its option's dataclass."""
+    kind = node.get(kind_key) if isinstance(node, DictConfig) else None
+    if kind not in schemas:
+        problems.append(f"{group}.{kind_key}={kind!r} is not one of {sorted(schemas)}")
+        return
+    expected = OmegaConf.structured(schemas[kind])
+    for key in _unknown_keys(node, expected):
+        problems.append(f"{group}.{key} is not a key of {group}={kind} (allowed: see {schemas[kind].__name__})")
+    try:
+        OmegaConf.merge(expected, node)
+    except Exception as exc:  # omegaconf raises several error types; all mean a bad key or type
+        msg = str(exc).splitlines()[0]
+        problems.append(f"{group}: {msg} (full key: {group}.{getattr(exc, 'full_key', '?')})")
+
+
+def _positive(cfg: DictConfig, key: str, problems: list[str], allow_zero: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    bad = value < 0 if allow_zero else value <= 0
+    if bad or (isinstance(value, float) and not math.isfinite(value)):
+        need = ">= 0" if allow_zero else "> 0"
+        problems.append(f"{key}={value} must be {need}")
+
+
+def _in_unit_interval(cfg: DictConfig, key: str, problems: list[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not 0.0 <= value <= 1.0:
+        problems.append(f"{key}={value} must be in [0, 1]")
+
+
+def _one_of(cfg: DictConfig, key: str, choices: tuple, problems: list[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        problems.append(f"{key}={value!r} must be one of {list(choices)}")
+
+
+def _check_ppo(cfg: DictConfig, problems: list[str]) -> None:
+    for key in ("ppo.rollout_batch_size", "ppo.mini_batch_size", "ppo.ppo_epochs", "ppo.max_new_tokens",
+                "ppo.temperature", "ppo.clip_range", "ppo.clip_range_value", "ppo.max_grad_norm",
+                "ppo.optimizer.learning_rate", "ppo.optimizer.eps", "ppo.kl.horizon"):
+        _positive(cfg, key, problems)
+    for key in ("ppo.vf_coef", "ppo.ent_coef", "ppo.missing_eos_penalty", "ppo.kl.init_coef",
+                "ppo.kl.target", "ppo.optimizer.weight_decay", "ppo.optimizer.warmup_steps"):
+        _positive(cfg, key, problems, allow_zero=True)
+    _in_unit_interval(cfg, "ppo.gamma", problems)
+    _in_unit_interval(cfg, "ppo.lam", problems)
+    _one_of(cfg, "ppo.kl.kind", ("fixed", "adaptive"), problems)
+    _one_of(cfg, "ppo.optimizer.lr_schedule", ("constant", "linear", "cosine"), problems)
+    betas = list(cfg.ppo.optimizer.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        problems.append(f"ppo.optimizer.betas={betas} must be two numbers in [0, 1)")
+    rollout, mini = cfg.ppo.rollout_batch_size, cfg.ppo.mini_batch_size
+    if rollout > 0 and mini > 0 and rollout % mini:
+        problems.append(f"ppo.mini_batch_size={mini} must divide ppo.rollout_batch_size={rollout}")
+    micro = cfg.hardware.micro_batch_size
+    if micro is not None:
+        if micro <= 0:
+            problems.append(f"hardware.micro_batch_size={micro} must be > 0")
+        elif mini > 0 and mini % micro:
+            problems.append(f"hardware.micro_batch_size={micro} must divide ppo.mini_batch_size={mini}")
+
+
+def _check_adapter(cfg: DictConfig, problems: list[str]) -> None:
+    adapter = cfg.adapter
+    _check_kind_schema(adapter, "adapter", "kind", ADAPTER_SCHEMAS, problems)
+    if adapter.get("kind") == "so8":
+        _one_of(cfg, "adapter.gate.kind", ("constant", "sigmoid"), problems)
+        _positive(cfg, "adapter.init_std", problems, allow_zero=True)
+        _positive(cfg, "adapter.gate.steps", problems, allow_zero=True)
+        if adapter.gate.kind == "sigmoid" and adapter.gate.steps <= 0:
+            problems.append("adapter.gate.steps must be > 0 for a sigmoid gate schedule")
+    elif adapter.get("kind") == "lora":
+        _positive(cfg, "adapter.r", problems)
+        _positive(cfg, "adapter.alpha", problems)
+        dropout = adapter.dropout
+        if not 0.0 <= dropout < 1.0:
+            problems.append(f"adapter.dropout={dropout} must be in [0, 1)")
+        if not adapter.target_modules:
+            problems.append("adapter.target_modules must name at least one module")
+
+
+def _check_data(cfg: DictConfig, problems: list[str]) -> None:
+    _check_kind_schema(cfg.data, "data", "source", DATA_SCHEMAS, problems)
+    if cfg.data.get("source") == "arithmetic":
+        _positive(cfg, "data.num_prompts", problems)
+        _positive(cfg, "data.min_operand", problems, allow_zero=True)
+        if cfg.data.max_operand < cfg.data.min_operand:
+            problems.append(f"data.max_operand={cfg.data.max_operand} must be >= data.min_operand={cfg.data.min_operand}")
+    elif cfg.data.get("source") == "jsonl":
+        if OmegaConf.is_missing(cfg.data, "path"):
+            problems.append("data.path must be set for data=jsonl (data.path=/path/to/prompts.jsonl)")
+        if str(cfg.data.chat_template).lower() not in ("auto", "true", "false"):
+            problems.append(f"data.chat_template={cfg.data.chat_template!r} must be auto, true or false")
+        _positive(cfg, "data.max_prompt_tokens", problems)
+
+
+def _check_model(cfg: DictConfig, problems: list[str]) -> None:
+    _one_of(cfg, "model.source", ("tiny", "hub", "local"), problems)
+    if cfg.model.source in ("hub", "local") and (OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path):
+        problems.append(f"model.path must be set for model.source={cfg.model.source}")
+
+
+def _check_hardware(cfg: DictConfig, problems: list[str]) -> None:
+    device = cfg.hardware.device
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(device)):
+        problems.append(f"hardware.device={device!r} must be cpu, cuda, cuda:N or auto")
+    _one_of(cfg, "hardware.dtype", ("float32", "bfloat16", "float16"), problems)
+    if cfg.hardware.num_threads is not None:
+        _positive(cfg, "hardware.num_threads", problems)
+    _positive(cfg, "hardware.memory_budget_gb", problems)
+
+
+def _check_checkpoint(cfg: DictConfig, problems: list[str]) -> None:
+    _one_of(cfg, "checkpoint.policy", ("time", "step", "both"), problems)
+    _positive(cfg, "checkpoint.every_seconds", problems)
+    _positive(cfg, "checkpoint.every_steps", problems)
+    _positive(cfg, "checkpoint.keep_last", problems)
+    _positive(cfg, "checkpoint.keep_every_steps", problems)
+
+
+def _check_reward(cfg: DictConfig, problems: list[str]) -> None:
+    from so8t.rewards import check_reward_config
+
+    problems.extend(check_reward_config(cfg.reward))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigValidationError listing every problem found, each naming its key."""
+    problems: list[str] = []
+    # `+key=value` overrides bypass Hydra's struct check, so unknown keys are looked for here too.
+    top = OmegaConf.structured(schema.TrainConfig(
+        model=schema.ModelConfig(), ppo=schema.PPOConfig(), reward=schema.RewardConfig(),
+        checkpoint=schema.CheckpointConfig(), hardware=schema.HardwareConfig(), logger=schema.LoggerConfig(),
+        paths=schema.PathsConfig(),
+    ))
+    for key in _unknown_keys(cfg, top):
+        if key.split(".", 1)[0] not in ("adapter", "data", "hydra"):
+            problems.append(f"{key} is not a known config key")
+    for name, term in cfg.reward.terms.items():
+        for key in _unknown_keys(term, OmegaConf.structured(RewardTermConfig)):
+            if key.split(".", 1)[0] != "kwargs":
+                problems.append(f"reward.terms.{name}.{key} is not a key of a reward term (weight, _target_, kwargs)")
+    _positive(cfg, "max_steps", problems)
+    _positive(cfg, "max_wall_seconds", problems)
+    if not str(cfg.run_name).strip():
+        problems.append("run_name must not be empty")
+    for check in (_check_model, _check_adapter, _check_ppo, _check_reward, _check_data,
+                  _check_hardware, _check_checkpoint):
+        check(cfg, problems)
+    _one_of(cfg, "logger.level", ("DEBUG", "INFO", "WARNING", "ERROR"), problems)
+    if problems:
+        raise ConfigValidationError(problems)

@@ -1,0 +1,114 @@
+"""The ``final/`` export of a run and ``so8t.load_policy`` that rebuilds a policy from it.
+
+``final/`` holds only what training produced (adapter and value head, in safetensors), the
+tokenizer, and ``policy.json`` naming the base model and the adapter config; the frozen base
+is loaded from where the run loaded it (the shipped tiny model, the hub cache or a folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+POLICY_FILE = "policy.json"
+ADAPTER_FILE = "adapter.safetensors"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def replace_dir(target: Path, write) -> None:
+    """Fill a sibling temporary folder with ``write(tmp)`` and swap it in for ``target``,
+    so a crash leaves either the old export or the new one, never a mix."""
+    import shutil
+
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(policy, tokenizer, model_cfg: dict, adapter_cfg: dict, gate: float | None, out_dir: Path,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write the trained policy to ``out_dir`` (replaced as a whole: written aside, then renamed)."""
+    def write(tmp: Path) -> None:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in policy.trainable_state_dict().items()}
+        save_file({k: v for k, v in state.items() if not k.startswith("value_head.")}, str(tmp / ADAPTER_FILE))
+        save_file({k: v for k, v in state.items() if k.startswith("value_head.")}, str(tmp / VALUE_HEAD_FILE))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta = {"format": 1, "model": model_cfg, "adapter": adapter_cfg, "gate": gate, **(extra or {})}
+        (tmp / POLICY_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    replace_dir(Path(out_dir), write)
+    log.info("final policy written to %s", out_dir)
+    return Path(out_dir)
+
+
+class LoadedPolicy:
+    """A policy rebuilt from ``final/``: the HF model with adapters inside, plus its tokenizer."""
+
+    def __init__(self, policy, tokenizer, device: torch.device):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.device = device
+
+    @property
+    def model(self):
+        """The Hugging Face causal LM with the adapters active inside its forward pass."""
+        return self.policy.base
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 1.0,
+                 greedy: bool = True) -> list[str]:
+        from so8t.ppo.rollout import sample_responses
+
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = sample_responses(self.policy, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
+                               max_new_tokens, temperature, self.tokenizer.eos_token_id,
+                               self.tokenizer.pad_token_id, greedy=greedy)
+        texts = []
+        specials = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        for ids, mask in zip(out.response_ids.tolist(), out.response_mask.tolist()):
+            texts.append(self.tokenizer.decode([t for t, m in zip(ids, mask) if m and t not in specials]))
+        return texts
+
+
+def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32") -> LoadedPolicy:
+    """Rebuild the trained policy saved in ``path`` (a run's ``final/`` folder)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from so8t.build import DTYPES, build_policy_and_tokenizer
+
+    path = Path(path)
+    meta_file = path / POLICY_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a SO8T policy export: {POLICY_FILE} is missing")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    torch_device = torch.device(device)
+    policy, _ = build_policy_and_tokenizer(OmegaConf.create(meta["model"]), OmegaConf.create(meta["adapter"]),
+                                           torch_device, DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    state = load_file(str(path / ADAPTER_FILE))
+    state.update(load_file(str(path / VALUE_HEAD_FILE)))
+    policy.load_trainable_state_dict({k: v.to(torch_device) for k, v in state.items()})
+    if meta.get("gate") is not None:
+        policy.set_gate(meta["gate"])
+    policy.eval()
+    return LoadedPolicy(policy, tokenizer, torch_device)

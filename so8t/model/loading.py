@@ -1,0 +1,179 @@
+"""Load the frozen base model and its tokenizer from the ``model`` config group.
+
+Sources:
+
+* ``tiny``  - the embedded pre-trained tiny model in ``so8t/model/assets/tiny`` (no download);
+* ``hub``   - a Hugging Face hub id, by default only from the local cache;
+* ``local`` - a folder written by ``save_pretrained`` (holds a ``config.json``).
+
+Whatever the source, the caller gets a model that is frozen (eval mode, no gradients), on
+the requested device and dtype, and a tokenizer that pads on the left with a pad token
+distinct from EOS - the two things PPO for language models relies on (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from so8t.model.tiny import PAD, TINY_DIR
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("tiny", "hub", "local")
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The configured model cannot be loaded here; the message says what to set."""
+
+
+def load_base_model(
+    model_cfg: Any,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` as described by ``model_cfg`` (see module docstring).
+
+    ``model_cfg`` needs attributes ``source``, ``path``, ``local_files_only`` and
+    ``trust_remote_code`` (an OmegaConf node or the schema dataclass).
+    """
+    source = model_cfg.source
+    path = getattr(model_cfg, "path", None)
+    trust_remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
+
+    if source == "tiny":
+        model, tokenizer = _from_pretrained(TINY_DIR, dtype, True, False)
+        where = "embedded tiny model"
+    elif source == "local":
+        folder = _check_local_folder(path)
+        model, tokenizer = _from_pretrained(folder, dtype, True, trust_remote_code)
+        where = f"local folder {folder}"
+    elif source == "hub":
+        local_files_only = bool(getattr(model_cfg, "local_files_only", True))
+        if not path:
+            raise ModelNotAvailableError(
+                "model.source=hub needs a hub id: set model.path=<org/name>"
+            )
+        try:
+            model, tokenizer = _from_pretrained(
+                path, dtype, local_files_only, trust_remote_code
+            )
+        except OSError as err:  # transformers reports a missing cache entry as OSError
+            raise ModelNotAvailableError(_hub_message(path, local_files_only, err)) from err
+        where = f"hub model {path}"
+    else:
+        raise ValueError(f"model.source={source!r} is not one of {', '.join(SOURCES)}")
+
+    _ensure_distinct_pad(model, tokenizer)
+    tokenizer.padding_side = "left"  # queries must end where the response starts
+
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)  # the base is frozen; adapters add their own parameters
+    log.info(
+        "loaded %s: %s, %.2fM parameters, %s on %s",
+        where,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        dtype,
+        device,
+    )
+    return model, tokenizer
+
+
+def _from_pretrained(
+    name_or_path: str | Path,
+    dtype: torch.dtype,
+    local_files_only: bool,
+    trust_remote_code: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    kwargs = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    # Load straight into the target dtype: a 3.8B model loaded as fp32 first would need
+    # twice the memory of its bf16 copy.
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def _check_local_folder(path: str | None) -> Path:
+    if not path:
+        raise ModelNotAvailableError(
+            "model.source=local needs a folder: set model.path=/folder/with/the/model"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelNotAvailableError(
+            f"model.path={path}: no such folder. Set model.path to a folder written by "
+            "save_pretrained (it holds config.json and the weights)."
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelNotAvailableError(
+            f"model.path={path}: the folder has no config.json, so it does not hold a "
+            "transformers model. Set model.path to a folder written by save_pretrained."
+        )
+    return folder
+
+
+def _hub_message(model_id: str, local_files_only: bool, err: Exception) -> str:
+    why = (
+        "downloads are off (model.local_files_only=true)"
+        if local_files_only
+        else "downloads are unavailable here (no network or HF_HUB_OFFLINE=1)"
+    )
+    return (
+        f"model.path={model_id}: the model is not in the local Hugging Face cache and "
+        f"{why}. Download it once on a machine with network with `hf download {model_id}` "
+        "(and copy the cache, see HF_HOME), or use a folder that holds the model: "
+        f"`model=local model.path=/folder/with/the/model`. Cause: {err}"
+    )
+
+
+def _ensure_distinct_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token distinct from EOS, growing the embeddings if needed.
+
+    Many causal-LM tokenizers have no pad token or reuse EOS as pad; then a padded EOS
+    cannot be told from a real one. A new ``<pad>`` token needs an embedding row; the new
+    rows become part of the frozen base, which is fine because pad positions are masked.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        _set_pad_id(model, tokenizer.pad_token_id)
+        return
+    tokenizer.add_special_tokens({"pad_token": PAD})
+    pad_id = tokenizer.pad_token_id
+    rows = model.get_input_embeddings().num_embeddings
+    if pad_id >= rows:
+        # mean_resizing=False: the mean/covariance init costs time on big vocabularies and
+        # is random; instead zero the new rows so reloading gives the same base each time.
+        old_rows = rows
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[old_rows:].zero_()
+            output = model.get_output_embeddings()
+            if output is not None:
+                output.weight[old_rows:].zero_()
+        log.info(
+            "tokenizer had no pad token distinct from eos: added %s (id %d) and resized "
+            "the embeddings %d -> %d (new rows are part of the frozen base)",
+            PAD, pad_id, old_rows, len(tokenizer),
+        )
+    else:
+        # The vocabulary already had room (e.g. a padded embedding matrix): no resize.
+        log.info(
+            "tokenizer had no pad token distinct from eos: using %s (id %d)", PAD, pad_id
+        )
+    _set_pad_id(model, pad_id)
+
+
+def _set_pad_id(model: PreTrainedModel, pad_id: int) -> None:
+    model.config.pad_token_id = pad_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = pad_id

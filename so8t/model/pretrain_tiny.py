@@ -1,0 +1,252 @@
+"""Pre-train the embedded tiny model on ``a+b=`` arithmetic, stopping while it is only partly right.
+
+Run ``python -m so8t.model.pretrain_tiny`` to regenerate ``so8t/model/assets/tiny``.
+
+The shipped model is a *starting point for PPO*: it should nearly always write the answer
+format (``<think></think><final>N</final><eos>``) but get only some sums right, so that a
+PPO run has visible room to improve. Training therefore stops on a criterion (greedy
+accuracy on operands 0-9 reaching a target, with the format learned) rather than after a
+fixed number of steps. Everything is seeded; on the same torch build and thread count the
+result is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import Phi3ForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from so8t.model.tiny import TINY_DIR, build_tiny_config, build_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+_ANSWER = re.compile(r"<think>.*?</think><final>(\d+)</final>")
+
+
+def arithmetic_pairs(max_operand: int) -> list[tuple[int, int]]:
+    """All pairs (a, b) with 0 <= a, b <= max_operand."""
+    return [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+
+
+def prompt_text(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def target_text(a: int, b: int) -> str:
+    """The response the model should write (the ``<eos>`` token follows it)."""
+    return f"<think></think><final>{a + b}</final>"
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_sft_batch(
+    tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[int, int]]
+) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt + target + <eos>`` sequences; labels only on the response."""
+    rows = []
+    for a, b in pairs:
+        prompt = tokenizer(prompt_text(a, b), add_special_tokens=False).input_ids
+        response = tokenizer(target_text(a, b), add_special_tokens=False).input_ids
+        rows.append((prompt, response + [tokenizer.eos_token_id]))
+    width = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        seq = prompt + response
+        start = width - len(seq)
+        input_ids[i, start:] = torch.tensor(seq)
+        attention_mask[i, start:] = 1
+        labels[i, width - len(response) :] = torch.tensor(response)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "labels": labels,
+    }
+
+
+@torch.no_grad()
+def evaluate_greedy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[int, int]],
+    max_new_tokens: int = 12,
+) -> dict[str, float]:
+    """Greedy-decode each ``a+b=`` and score it.
+
+    ``format_rate``: the response (up to ``<eos>``) has the answer format and ends with
+    ``<eos>``. ``accuracy``: the response is exactly the target followed by ``<eos>``.
+    """
+    was_training = model.training
+    model.eval()
+    enc = tokenizer(
+        [prompt_text(a, b) for a, b in pairs],
+        add_special_tokens=False,
+        padding=True,
+        return_tensors="pt",
+    ).to(model.device)
+    out = model.generate(
+        **enc,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    responses = out[:, enc.input_ids.shape[1] :].tolist()
+    formatted = correct = 0
+    for (a, b), ids in zip(pairs, responses):
+        if tokenizer.eos_token_id not in ids:
+            continue  # never finished: neither formatted nor correct
+        text = tokenizer.decode(ids[: ids.index(tokenizer.eos_token_id)])
+        if _ANSWER.fullmatch(text):
+            formatted += 1
+        if text == target_text(a, b):
+            correct += 1
+    model.train(was_training)
+    return {"format_rate": formatted / len(pairs), "accuracy": correct / len(pairs)}
+
+
+@dataclass
+class PretrainSettings:
+    seed: int = 0
+    max_operand: int = 19  # training operands 0..max_operand
+    eval_max_operand: int = 9  # the stopping criterion looks at operands 0..this
+    target_accuracy: float = 0.3  # stop once greedy accuracy on the eval pairs exceeds this
+    min_format_rate: float = 0.9  # ... and the format is (nearly) always right
+    max_steps: int = 3000  # safety net; reaching it means the criterion was never met
+    batch_size: int = 64
+    lr: float = 3e-3
+    eval_every: int = 5
+
+
+def pretrain(settings: PretrainSettings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    """Train a fresh tiny model until the stopping criterion holds; return it and a report."""
+    torch.manual_seed(settings.seed)
+    tokenizer = build_tiny_tokenizer()
+    model = Phi3ForCausalLM(build_tiny_config(tokenizer=tokenizer))
+    model.train()
+
+    train = build_sft_batch(tokenizer, arithmetic_pairs(settings.max_operand))
+    eval_pairs = arithmetic_pairs(settings.eval_max_operand)
+    n = train["input_ids"].shape[0]
+    # A private generator so the data order depends only on the seed.
+    order_rng = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+
+    started = time.monotonic()
+    order = torch.randperm(n, generator=order_rng)
+    cursor, step, metrics = 0, 0, {"format_rate": 0.0, "accuracy": 0.0}
+    stopped_on_criterion = False
+    while step < settings.max_steps:
+        if cursor + settings.batch_size > n:  # new epoch: reshuffle
+            order, cursor = torch.randperm(n, generator=order_rng), 0
+        idx = order[cursor : cursor + settings.batch_size]
+        cursor += settings.batch_size
+        loss = model(**{k: v[idx] for k, v in train.items()}).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % settings.eval_every == 0:
+            metrics = evaluate_greedy(model, tokenizer, eval_pairs)
+            log.debug("step %d loss %.4f %s", step, loss.item(), metrics)
+            if (
+                metrics["accuracy"] > settings.target_accuracy
+                and metrics["format_rate"] >= settings.min_format_rate
+            ):
+                stopped_on_criterion = True
+                break
+    seconds = time.monotonic() - started
+    if not stopped_on_criterion:
+        log.warning("stopping criterion not met after %d steps: %s", step, metrics)
+
+    model.eval()
+    report = {
+        "steps": step,
+        "seconds": round(seconds, 2),
+        "stopped_on_criterion": stopped_on_criterion,
+        "final_loss": round(loss.item(), 4),
+        f"eval_operands_0_{settings.eval_max_operand}": metrics,
+        f"eval_operands_0_{settings.max_operand}": evaluate_greedy(
+            model, tokenizer, arithmetic_pairs(settings.max_operand)
+        ),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return model, tokenizer, report
+
+
+def save_tiny(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, note: dict
+) -> None:
+    """Write weights (safetensors), tokenizer files and a ``training.json`` note."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    # transformers 5 records its internal class name "TokenizersBackend"; the public alias
+    # PreTrainedTokenizerFast names the same class and is also what older versions know.
+    cfg_path = out_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (out_dir / "training.json").write_text(json.dumps(note, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = PretrainSettings()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=TINY_DIR, help="output folder")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--steps", type=int, default=defaults.max_steps, help="max steps")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--target-accuracy", type=float, default=defaults.target_accuracy)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    settings = PretrainSettings(
+        seed=args.seed,
+        max_steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        target_accuracy=args.target_accuracy,
+    )
+    model, tokenizer, report = pretrain(settings)
+
+    import transformers  # only for the version stamp in the note
+
+    note = {
+        "command": shlex.join(
+            ["python", "-m", "so8t.model.pretrain_tiny"]
+            + (sys.argv[1:] if argv is None else argv)
+        ),
+        "settings": asdict(settings),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **report,
+    }
+    save_tiny(model, tokenizer, args.out, note)
+    print(json.dumps(report, indent=2))
+    print(f"saved to {args.out}")
+    return 0 if report["stopped_on_criterion"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

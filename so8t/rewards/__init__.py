@@ -1,0 +1,324 @@
+"""Reward terms and the weighted reward the PPO loop optimises.
+
+Configuration
+-------------
+``reward.terms`` maps a term name to ``{weight, _target_, kwargs}``::
+
+    reward:
+      terms:
+        format: {weight: 0.2}                       # built-in, found by its name
+        exact_match: {weight: 1.0}
+        length: {weight: 0.1, kwargs: {start_fraction: 0.5}}
+        think: {weight: 0.1, _target_: trl.rewards.think_format_reward}
+        mine: {weight: 1.0, _target_: my_package.rewards.brevity, kwargs: {limit: 40}}
+
+The total reward of a completion is ``sum(weight * score)``; a weight of 0 keeps a term in
+the logs without letting it shape training. Built-in terms (``so8t.rewards.terms``):
+``format``, ``exact_match``, ``eos``, ``length``.
+
+Writing a reward function
+-------------------------
+A reward function is any importable callable, named by its dotted path in ``_target_``.
+It is called with keyword arguments only::
+
+    def my_reward(completions, references, **kwargs) -> list[float | None]:
+        ...
+
+Arguments it receives (take the ones you need, and always accept ``**kwargs`` so that
+arguments added later do not break it):
+
+* ``completions`` – ``list[str]``, the decoded responses, truncated after EOS;
+* ``prompts`` – ``list[str]``, the prompt texts;
+* ``references`` – ``list[str | None]``, the reference answers (None where a prompt has none);
+* ``solution`` – the same list as ``references``, under the name TRL's reward functions use;
+* ``eos`` – ``list[bool]``, whether each response ended with the EOS token;
+* ``num_tokens`` – ``list[int]``, the number of response tokens;
+* ``max_new_tokens`` – ``int``, the rollout's response-length limit;
+* every key of the term's ``kwargs``.
+
+It returns one float (or None, meaning "no score": it counts as 0 in the total and is left
+out of the term's logged mean) per completion. Scores are used as given, unweighted; the
+term's ``weight`` scales them.
+
+Functions from ``trl.rewards`` (and anything else under the ``trl`` package) expect
+TRL's *conversational* completions, ``[[{"role": "assistant", "content": text}], ...]``:
+``think_format_reward`` reads ``completion[0]["content"]`` and fails on plain strings. Terms
+whose function lives in ``trl`` therefore receive completions in that shape; all other
+terms receive plain strings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from so8t.rewards.format import ParsedAnswer, parse_answer
+from so8t.rewards.terms import BUILTIN_OPTION_CHECKS, BUILTIN_TERMS, STANDARD_ARGS
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BUILTIN_TERMS",
+    "ParsedAnswer",
+    "RewardFunction",
+    "RewardResult",
+    "RewardTerm",
+    "build_reward",
+    "check_reward_config",
+    "parse_answer",
+]
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    """One configured term: its function, weight and fixed keyword options."""
+
+    name: str
+    fn: Callable[..., Any]
+    weight: float
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # True for TRL's functions, which want completions as message lists (see module doc).
+    conversational: bool = False
+
+
+@dataclass
+class RewardResult:
+    """Scores of one batch: the weighted total and each term's unweighted scores."""
+
+    total: list[float]
+    per_term: dict[str, list[float | None]]
+
+    def means(self) -> dict[str, float | None]:
+        """Mean unweighted score of each term over the completions it scored (for logging).
+
+        None entries are skipped; a term that scored nothing has mean None.
+        """
+        means: dict[str, float | None] = {}
+        for name, scores in self.per_term.items():
+            scored = [s for s in scores if s is not None]
+            means[name] = sum(scored) / len(scored) if scored else None
+        return means
+
+
+class RewardFunction:
+    """The weighted sum of the configured reward terms."""
+
+    def __init__(self, terms: list[RewardTerm]):
+        if not terms:
+            raise ValueError("a reward needs at least one term")
+        self.terms = list(terms)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {term.name: term.weight for term in self.terms}
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{t.name}={t.weight:g}" for t in self.terms)
+        return f"RewardFunction({parts})"
+
+    def __call__(
+        self,
+        completions: list[str],
+        prompts: list[str],
+        references: list[str | None],
+        eos: list[bool],
+        num_tokens: list[int],
+        max_new_tokens: int,
+    ) -> RewardResult:
+        n = len(completions)
+        inputs = {"prompts": prompts, "references": references, "eos": eos, "num_tokens": num_tokens}
+        for arg_name, values in inputs.items():
+            if len(values) != n:
+                raise ValueError(f"reward: got {n} completions but {len(values)} {arg_name}")
+        common = {
+            "prompts": list(prompts),
+            "references": list(references),
+            "solution": list(references),
+            "eos": [bool(e) for e in eos],
+            "num_tokens": [int(c) for c in num_tokens],
+            "max_new_tokens": int(max_new_tokens),
+        }
+        as_messages = None
+        total = [0.0] * n
+        per_term: dict[str, list[float | None]] = {}
+        for term in self.terms:
+            if term.conversational:
+                if as_messages is None:
+                    as_messages = [[{"role": "assistant", "content": c}] for c in completions]
+                term_completions = as_messages
+            else:
+                term_completions = list(completions)
+            raw = term.fn(completions=term_completions, **common, **term.kwargs)
+            scores = _checked_scores(term.name, raw, n)
+            per_term[term.name] = scores
+            for i, score in enumerate(scores):
+                if score is not None:
+                    total[i] += term.weight * score
+        return RewardResult(total=total, per_term=per_term)
+
+
+def _checked_scores(name: str, raw: Any, n: int) -> list[float | None]:
+    """Turn a term's output into a list of n finite floats or None, or say what is wrong."""
+    where = f"reward term '{name}'"
+    if isinstance(raw, (str, bytes, Mapping)):
+        raise TypeError(f"{where} must return a list of floats, got {type(raw).__name__}")
+    try:
+        values = list(raw)
+    except TypeError:
+        raise TypeError(f"{where} must return a list of floats, got {type(raw).__name__}") from None
+    if len(values) != n:
+        raise ValueError(f"{where} returned {len(values)} scores for {n} completions")
+    scores: list[float | None] = []
+    for i, value in enumerate(values):
+        if value is None:
+            scores.append(None)
+            continue
+        try:
+            score = float(value)  # also accepts numpy scalars and 0-d tensors
+        except (TypeError, ValueError):
+            raise TypeError(f"{where} returned {value!r} at index {i}; expected a float or None") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{where} returned a non-finite score {score} at index {i}")
+        scores.append(score)
+    return scores
+
+
+def _get(node: Any, key: str, default: Any = None) -> Any:
+    """Read a key from a DictConfig, a plain dict or a dataclass alike."""
+    if isinstance(node, Mapping):
+        return node.get(key, default)
+    return getattr(node, key, default)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers become plain dicts/lists, so user functions get ordinary types."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _resolve_terms(reward_cfg: Any) -> tuple[list[RewardTerm], list[str]]:
+    """Build every term it can and collect a message for each problem, naming its key."""
+    terms: list[RewardTerm] = []
+    errors: list[str] = []
+    terms_cfg = _get(reward_cfg, "terms") or {}
+    if not terms_cfg:
+        errors.append("reward.terms is empty: configure at least one reward term")
+    for name, term_cfg in terms_cfg.items():
+        key = f"reward.terms.{name}"
+        before = len(errors)
+
+        weight = _get(term_cfg, "weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            errors.append(f"{key}.weight must be a number, got {weight!r}")
+        elif not math.isfinite(weight):
+            errors.append(f"{key}.weight must be finite, got {weight}")
+
+        options = _plain(_get(term_cfg, "kwargs")) or {}
+        if not isinstance(options, Mapping):
+            errors.append(f"{key}.kwargs must be a mapping, got {options!r}")
+            options = {}
+        options = dict(options)
+        for clash in sorted(set(options) & set(STANDARD_ARGS)):
+            errors.append(
+                f"{key}.kwargs.{clash}: '{clash}' is passed to every term by SO8T and cannot be set"
+            )
+
+        target = _get(term_cfg, "_target_")
+        fn: Callable[..., Any] | None = None
+        if target:
+            fn = _load_target(key, str(target), errors)
+        elif name in BUILTIN_TERMS:
+            fn = BUILTIN_TERMS[name]
+            _check_builtin_options(key, name, fn, options, errors)
+        else:
+            errors.append(
+                f"{key}: unknown built-in reward term '{name}'. Built-in terms: "
+                f"{', '.join(sorted(BUILTIN_TERMS))}; or set {key}._target_ to the dotted "
+                "path of a reward function"
+            )
+        if fn is not None and target:
+            _check_signature(key, fn, errors)
+
+        if fn is not None and len(errors) == before:
+            module = getattr(fn, "__module__", None) or ""
+            terms.append(
+                RewardTerm(
+                    name=str(name),
+                    fn=fn,
+                    weight=float(weight),
+                    kwargs=options,
+                    conversational=module == "trl" or module.startswith("trl."),
+                )
+            )
+    return terms, errors
+
+
+def _load_target(key: str, target: str, errors: list[str]) -> Callable[..., Any] | None:
+    # hydra's get_method imports the module and checks the object is callable; any error
+    # while importing a user's module is reported here rather than crashing validation.
+    from hydra.utils import get_method
+
+    try:
+        return get_method(target)
+    except Exception as exc:  # noqa: BLE001 - a user's module may raise anything on import
+        errors.append(f"{key}._target_: cannot load '{target}': {exc}")
+        return None
+
+
+def _check_signature(key: str, fn: Callable[..., Any], errors: list[str]) -> None:
+    """A user function must take ``**kwargs``; a factory (e.g. ``get_soft_overlong_punishment``)
+    mistaken for a reward function fails this check instead of failing mid-training."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return  # some builtins have no signature; let the call decide
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        errors.append(
+            f"{key}._target_: {getattr(fn, '__qualname__', fn)!r} does not accept **kwargs; a reward "
+            "function is called as fn(completions=..., prompts=..., references=..., **kwargs) "
+            "(see so8t.rewards). Factories such as trl.rewards.get_soft_overlong_punishment "
+            "return a reward function and cannot be used directly"
+        )
+
+
+def _check_builtin_options(
+    key: str, name: str, fn: Callable[..., Any], options: dict, errors: list[str]
+) -> None:
+    # Built-ins swallow unknown keywords through **kwargs, so a typo like ``start_frac``
+    # would be silently ignored; compare against the options they declare instead.
+    declared = [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in STANDARD_ARGS
+    ]
+    for option in sorted(set(options) - set(declared) - set(STANDARD_ARGS)):
+        known = ", ".join(declared) if declared else "none"
+        errors.append(f"{key}.kwargs.{option}: unknown option of built-in term '{name}' (options: {known})")
+    check = BUILTIN_OPTION_CHECKS.get(name)
+    if check is not None:
+        errors.extend(f"{key}.kwargs: {problem}" for problem in check(options))
+
+
+def check_reward_config(reward_cfg: Any) -> list[str]:
+    """Problems with a reward config, without running any term (empty list when fine).
+
+    Imports each ``_target_`` so that a wrong path is reported before any model is built.
+    """
+    return _resolve_terms(reward_cfg)[1]
+
+
+def build_reward(reward_cfg: Any) -> RewardFunction:
+    """Build the weighted reward from ``reward_cfg`` (a DictConfig, dict or RewardConfig)."""
+    terms, errors = _resolve_terms(reward_cfg)
+    if errors:
+        raise ValueError("invalid reward config:\n  " + "\n  ".join(errors))
+    reward = RewardFunction(terms)
+    log.info("reward: %s", reward)
+    return reward

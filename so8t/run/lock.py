@@ -1,0 +1,147 @@
+"""Single-writer lock for a run folder.
+
+Mechanism: an operating-system lock (``flock`` on Unix, ``LockFileEx`` on Windows) taken
+through the ``filelock`` package on ``run_dir/.lock.os``, plus a JSON holder record in
+``run_dir/.lock`` ({pid, host, started, argv}) that only serves the error message.
+
+Why an OS lock and not an ``O_CREAT|O_EXCL`` marker file with a pid liveness check:
+
+* the kernel drops the lock when the holder dies *in any way* — exception, ``kill -9``, OOM
+  killer, power cut (locks do not survive a reboot) — so "a lock left by a dead process never
+  blocks" holds by construction, with no pid check that pid reuse could fool;
+* the same holds across hosts on a network file system with working locks (NFS), where a pid
+  cannot be checked at all and a marker-file scheme would block a requeued job forever;
+* taking over a stale marker file is racy (two newcomers both judge it stale, both replace it);
+  an OS lock has no takeover step to get wrong.
+
+``filelock`` rather than raw ``fcntl``/``msvcrt``: one portable API, and on file systems
+without ``flock`` it falls back to its own marker-file lock with a warning.
+
+The holder record lives in a separate file because Windows byte-range locks are mandatory: a
+second process could not read a record kept inside the locked file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from so8t.run.atomic import atomic_write_json
+
+__all__ = ["RunLock", "RunLockedError"]
+
+log = logging.getLogger(__name__)
+
+LOCK_INFO_NAME = ".lock"  # JSON holder record: what a person or tool reads
+OS_LOCK_NAME = ".lock.os"  # the file the OS lock is taken on (content unused, never deleted)
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run folder."""
+
+    def __init__(self, run_dir: Path, holder: dict[str, Any] | None):
+        self.run_dir = run_dir
+        self.holder = holder or {}
+        if holder:
+            who = (
+                f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                f"(started {holder.get('started', '?')})"
+            )
+            argv = holder.get("argv")
+            if argv:
+                who += f", command: {' '.join(map(str, argv))}"
+        else:
+            # The holder took the OS lock but has not written its record yet (a few ms window).
+            who = "another process (its holder record is not written yet)"
+        super().__init__(
+            f"run dir {run_dir} is in use by {who}. Two processes must never write one run; "
+            f"stop that one first (or wait for it). The lock is released automatically when "
+            f"its process ends, however it ends."
+        )
+
+
+class RunLock:
+    """Exclusive, non-blocking lock on a run folder. Use as a context manager or acquire/release."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]):
+        self.run_dir = Path(run_dir)
+        self.info_path = self.run_dir / LOCK_INFO_NAME
+        # thread_local=False: the lock belongs to the process, so any thread (say, a cleanup
+        # hook) may release it. filelock also closes the descriptor in forked children, so an
+        # orphaned DataLoader worker cannot keep a dead run locked.
+        self._os_lock = filelock.FileLock(self.run_dir / OS_LOCK_NAME, thread_local=False)
+        self._info: dict[str, Any] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._info is not None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`RunLockedError` at once (never waits)."""
+        if self.held:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._os_lock.acquire(blocking=False)
+        except filelock.Timeout:
+            raise RunLockedError(self.run_dir, self.read_holder()) from None
+
+        # We own the OS lock, so any record still on disk belongs to a process that is gone.
+        previous = self.read_holder()
+        if previous is not None:
+            log.warning(
+                "taking over run dir %s: previous holder pid %s on host %s (started %s) "
+                "ended without releasing it (killed or crashed)",
+                self.run_dir, previous.get("pid"), previous.get("host"), previous.get("started"),
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "argv": list(sys.argv),
+        }
+        try:
+            atomic_write_json(self.info_path, info)
+        except BaseException:
+            self._os_lock.release()
+            raise
+        self._info = info
+
+    def release(self) -> None:
+        """Drop the lock; remove the holder record only if it is ours."""
+        if not self.held:
+            return
+        # Remove the record *before* dropping the OS lock: once the lock is free a newcomer
+        # writes its own record, which we must not delete.
+        current = self.read_holder()
+        if current is not None and _same_holder(current, self._info):
+            self.info_path.unlink(missing_ok=True)
+        self._info = None
+        self._os_lock.release()
+
+    def read_holder(self) -> dict[str, Any] | None:
+        """The holder record on disk, or None if missing or unreadable."""
+        try:
+            data = json.loads(self.info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _same_holder(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
+    return b is not None and all(a.get(k) == b.get(k) for k in ("pid", "host", "started"))

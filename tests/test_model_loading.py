@@ -1,0 +1,246 @@
+"""The embedded tiny model and tokenizer, and load_base_model for every source."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from so8t.model.loading import ModelNotAvailableError, load_base_model
+from so8t.model.pretrain_tiny import (
+    PretrainSettings,
+    arithmetic_pairs,
+    evaluate_greedy,
+    pretrain,
+    save_tiny,
+)
+from so8t.model.tiny import TINY_DIR, build_tiny_config, build_tiny_tokenizer
+
+SAMPLES = [
+    "12+3=",
+    "0+19=",
+    "<think></think><final>12</final>",
+    "7+8=<think></think><final>15</final><eos>",
+    "<bos>1+1=<pad>",
+]
+
+
+def model_cfg(source: str, path: str | None = None, **kw) -> SimpleNamespace:
+    return SimpleNamespace(
+        source=source,
+        path=path,
+        local_files_only=kw.get("local_files_only", True),
+        trust_remote_code=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_base_model(model_cfg("tiny"))
+
+
+# --- tokenizer ----------------------------------------------------------------------
+
+
+def test_tokenizer_splits_digits_and_keeps_tags_whole():
+    tok = build_tiny_tokenizer()
+    assert len(tok) == 20
+    ids = tok("12+3=").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["1", "2", "+", "3", "="]
+    tags = tok("<think></think><final>12</final>").input_ids
+    assert tok.convert_ids_to_tokens(tags) == [
+        "<think>", "</think>", "<final>", "1", "2", "</final>"
+    ]
+    assert tok.unk_token_id not in tags
+
+
+def test_tokenizer_round_trip_and_special_tokens():
+    tok = build_tiny_tokenizer()
+    text = "<think></think><final>12</final>"
+    assert tok.decode(tok(text).input_ids) == text
+    # Nothing is added around the text; the trainer appends <eos> where it wants one.
+    assert tok("1+2=").input_ids == tok("1+2=", add_special_tokens=False).input_ids
+    ids = tok(text).input_ids + [tok.eos_token_id, tok.pad_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == text  # tags are not "special"
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "left"
+
+
+def test_shipped_tokenizer_matches_the_built_one():
+    built = build_tiny_tokenizer()
+    shipped = AutoTokenizer.from_pretrained(TINY_DIR)
+    assert shipped.get_vocab() == built.get_vocab()
+    for text in SAMPLES:
+        assert shipped(text).input_ids == built(text).input_ids, text
+        assert shipped.decode(shipped(text).input_ids) == text
+    assert shipped.pad_token_id == built.pad_token_id != shipped.eos_token_id
+    assert shipped.eos_token_id == built.eos_token_id
+    assert shipped.padding_side == "left"
+    batch = shipped(["1+2=", "12+13="], padding=True).input_ids
+    assert batch[0][:2] == [shipped.pad_token_id] * 2  # left padding
+
+
+# --- tiny source ---------------------------------------------------------------------
+
+
+def test_tiny_loads_frozen_with_distinct_left_pad(tiny):
+    model, tok = tiny
+    assert isinstance(model, Phi3ForCausalLM)
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "left"
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert model.config.vocab_size == len(tok) == build_tiny_config().vocab_size
+    assert 50_000 < sum(p.numel() for p in model.parameters()) < 150_000
+
+    enc = tok(["1+2=", "12+13="], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (2, enc.input_ids.shape[1], len(tok))
+    assert torch.isfinite(logits).all()
+
+
+def test_tiny_loads_in_requested_dtype():
+    model, _ = load_base_model(model_cfg("tiny"), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_shipped_model_is_partly_right(tiny):
+    model, tok = tiny
+    metrics = evaluate_greedy(model, tok, arithmetic_pairs(9))
+    assert metrics["format_rate"] >= 0.9
+    # Partly right: room for PPO to improve, but clearly better than chance.
+    assert 0.2 <= metrics["accuracy"] <= 0.55, metrics
+
+
+@pytest.fixture
+def one_thread():
+    # The tiny model is far too small to gain from threads; on a busy machine two
+    # threads contend and make the training run several times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_pretraining_stops_partly_right_and_saves_loadable_assets(tmp_path, one_thread):
+    model, tok, report = pretrain(PretrainSettings(seed=0))
+    assert report["stopped_on_criterion"]
+    assert report["eval_operands_0_9"]["format_rate"] >= 0.9
+    assert 0.3 < report["eval_operands_0_9"]["accuracy"] <= 0.55
+    save_tiny(model, tok, tmp_path, {"seed": 0, **report})
+    assert (tmp_path / "training.json").is_file()
+    loaded, loaded_tok = load_base_model(model_cfg("local", str(tmp_path)))
+    assert loaded_tok.pad_token_id == tok.pad_token_id
+    assert evaluate_greedy(loaded, loaded_tok, arithmetic_pairs(9)) == evaluate_greedy(
+        model, tok, arithmetic_pairs(9)
+    )
+
+
+# --- local source --------------------------------------------------------------------
+
+
+def test_local_loads_a_saved_model(tmp_path):
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer()
+    saved = Phi3ForCausalLM(build_tiny_config(hidden_size=32, num_layers=1, tokenizer=tok))
+    saved.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    model, loaded_tok = load_base_model(model_cfg("local", str(tmp_path)))
+    assert model.config.hidden_size == 32
+    assert all(not p.requires_grad for p in model.parameters())
+    assert not model.training
+    assert loaded_tok.pad_token_id == tok.pad_token_id
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def _gpt2_style(tmp_path, pad_is_eos: bool):
+    """A tiny GPT-2 model whose tokenizer has no pad token (or pad == eos), built offline."""
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "a", "b", "c", "d", "e"])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    extra = {"pad_token": "<|endoftext|>"} if pad_is_eos else {}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", padding_side="right", **extra
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    )
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_local_adds_a_distinct_pad_token(tmp_path, caplog, pad_is_eos):
+    saved = _gpt2_style(tmp_path, pad_is_eos)
+    with caplog.at_level(logging.INFO, logger="so8t.model.loading"):
+        model, tok = load_base_model(model_cfg("local", str(tmp_path)))
+    assert "added <pad>" in caplog.text
+    assert tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "left"
+    assert model.get_input_embeddings().num_embeddings == len(tok) == 7
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert all(not p.requires_grad for p in model.parameters())
+    # Old rows untouched, new row deterministic (zero).
+    old = saved.get_input_embeddings().weight
+    new = model.get_input_embeddings().weight
+    assert torch.equal(new[: old.shape[0]], old)
+    assert torch.count_nonzero(new[old.shape[0] :]) == 0
+    enc = tok(["ab", "abcde"], padding=True, return_tensors="pt")
+    assert enc.input_ids[0, 0].item() == tok.pad_token_id
+    with torch.no_grad():
+        assert torch.isfinite(model(**enc).logits).all()
+
+
+def test_local_missing_folder_names_model_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelNotAvailableError, match="model.path"):
+        load_base_model(model_cfg("local", str(missing)))
+
+
+def test_local_folder_without_config_names_model_path(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="model.path=.*config.json"):
+        load_base_model(model_cfg("local", str(tmp_path)))
+
+
+# --- hub source ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("local_files_only", [True, False])
+def test_hub_model_not_cached_is_a_clear_error(monkeypatch, tmp_path, local_files_only):
+    import huggingface_hub.constants
+
+    # Nothing may try the network; an empty cache guarantees "not cached".
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model_id = "so8t-tests/not-a-cached-model"
+    cfg = model_cfg("hub", model_id, local_files_only=local_files_only)
+    with pytest.raises(ModelNotAvailableError) as info:
+        load_base_model(cfg)
+    message = str(info.value)
+    assert f"model.path={model_id}" in message
+    assert f"hf download {model_id}" in message
+    assert "model=local model.path=" in message
+
+
+def test_unknown_source_is_rejected():
+    with pytest.raises(ValueError, match="model.source"):
+        load_base_model(model_cfg("ftp"))

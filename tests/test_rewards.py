@@ -1,0 +1,276 @@
+"""Reward terms: the strict format parser, built-ins, weighting, TRL and user terms, config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from so8t.config.schema import RewardConfig, RewardTermConfig
+from so8t.rewards import BUILTIN_TERMS, RewardResult, build_reward, check_reward_config, parse_answer
+from so8t.rewards.terms import eos_reward, exact_match_reward, format_reward, length_penalty
+
+GOOD = "<think>add</think><final>7</final>"
+
+
+# --------------------------------------------------------------------------- user terms
+# Referenced by dotted path from the configs below; `tests` is a package so they import.
+
+
+def my_reward(completions, prompts, references, bonus=0.0, **kwargs):
+    """Length of the completion in characters, plus a configured bonus."""
+    assert all(isinstance(c, str) for c in completions)  # plain strings for non-TRL terms
+    return [len(c) + bonus for c in completions]
+
+
+def skip_all(completions, **kwargs):
+    return [None for _ in completions]
+
+
+def wrong_length(completions, **kwargs):
+    return [1.0]
+
+
+def no_kwargs(completions):
+    return [0.0 for _ in completions]
+
+
+def nan_reward(completions, **kwargs):
+    return [math.nan for _ in completions]
+
+
+def reward_cfg(terms: dict):
+    """A reward config node shaped exactly like the composed Hydra one."""
+    return OmegaConf.structured(RewardConfig(terms={k: RewardTermConfig(**v) for k, v in terms.items()}))
+
+
+def call(reward, completions, references=None, eos=None, num_tokens=None, max_new_tokens=10) -> RewardResult:
+    n = len(completions)
+    return reward(
+        completions=completions,
+        prompts=["3+4="] * n,
+        references=references if references is not None else ["7"] * n,
+        eos=eos if eos is not None else [True] * n,
+        num_tokens=num_tokens if num_tokens is not None else [5] * n,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+# --------------------------------------------------------------------------- parser
+
+
+@pytest.mark.parametrize(
+    "text, think, final",
+    [
+        (GOOD, "add", "7"),
+        ("<think></think><final>20</final>", "", "20"),
+        ("  \n<think> a\nb </think>\n<final> 7 </final>\n ", "a\nb", "7"),  # whitespace around and between
+        ("<think>x</think><final></final>", "x", ""),
+    ],
+)
+def test_parse_accepts(text, think, final):
+    parsed = parse_answer(text)
+    assert parsed is not None
+    assert (parsed.think, parsed.final) == (think, final)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "7",
+        "<final>7</final>",  # no think block
+        "<think>x</think>",  # no final block
+        "<think>x</think>7",
+        "hi <think>x</think><final>7</final>",  # text before
+        "<think>x</think><final>7</final> bye",  # text after
+        "<think>x</think> so <final>7</final>",  # text between
+        "<final>7</final><think>x</think>",  # wrong order
+        "<think>x</think><final>7</final><final>8</final>",  # duplicate final
+        "<think>x</think><think>y</think><final>7</final>",  # duplicate think
+        "<think><think>x</think></think><final>7</final>",  # nested
+        "<think>x</think><final>7<final>8</final></final>",  # nested final
+        "<think>x<final>7</final></think><final>7</final>",  # tag inside think
+        "<think>x</think><final>7",  # unclosed
+        "<Think>x</Think><final>7</final>",  # tags are case-sensitive
+    ],
+)
+def test_parse_rejects(text):
+    assert parse_answer(text) is None
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def test_builtin_registry():
+    assert set(BUILTIN_TERMS) == {"format", "exact_match", "eos", "length"}
+
+
+def test_format_term():
+    assert format_reward(completions=[GOOD, "7", GOOD + "x"]) == [1.0, 0.0, 0.0]
+
+
+def test_exact_match_term():
+    completions = [GOOD, "<think></think><final> 7\n</final>", "<think></think><final>8</final>", "7", GOOD]
+    references = ["7", " 7 ", "7", "7", None]
+    # Unparsable scores 0 even with the right digits; no reference scores None.
+    assert exact_match_reward(completions=completions, references=references) == [1.0, 1.0, 0.0, 0.0, None]
+
+
+def test_eos_term():
+    assert eos_reward(completions=["a", "b"], eos=[True, False]) == [1.0, 0.0]
+
+
+def test_length_term():
+    num_tokens = [0, 5, 10, 12]
+    assert length_penalty(completions=[""] * 4, num_tokens=num_tokens, max_new_tokens=10) == [0.0, -0.5, -1.0, -1.0]
+    late = length_penalty(completions=[""] * 4, num_tokens=num_tokens, max_new_tokens=10, start_fraction=0.5)
+    assert late == [0.0, 0.0, -1.0, -1.0]
+    assert length_penalty(completions=[""], num_tokens=[8], max_new_tokens=10, start_fraction=0.6) == [
+        pytest.approx(-0.5)
+    ]
+    with pytest.raises(ValueError, match="start_fraction"):
+        length_penalty(completions=[""], num_tokens=[1], max_new_tokens=10, start_fraction=1.0)
+
+
+# --------------------------------------------------------------------------- weighted reward
+
+
+def test_weighted_total_and_per_term():
+    reward = build_reward(
+        reward_cfg(
+            {
+                "format": {"weight": 0.2},
+                "exact_match": {"weight": 1.0},
+                "eos": {"weight": 0.5},
+                "length": {"weight": 0.1, "kwargs": {"start_fraction": 0.5}},
+            }
+        )
+    )
+    result = call(
+        reward,
+        [GOOD, "<think></think><final>8</final>", "garbage", GOOD],
+        references=["7", "7", "7", None],
+        eos=[True, True, False, True],
+        num_tokens=[5, 5, 10, 5],
+    )
+    assert result.per_term == {
+        "format": [1.0, 1.0, 0.0, 1.0],
+        "exact_match": [1.0, 0.0, 0.0, None],
+        "eos": [1.0, 1.0, 0.0, 1.0],
+        "length": [0.0, 0.0, -1.0, 0.0],
+    }
+    assert result.total == pytest.approx([1.7, 0.7, -0.1, 0.7])  # None counts as 0
+    means = result.means()
+    assert means["exact_match"] == pytest.approx(1 / 3)  # None is left out of the mean
+    assert means["format"] == pytest.approx(0.75)
+
+
+def test_zero_weight_term_is_logged_but_not_counted():
+    reward = build_reward(reward_cfg({"format": {"weight": 0.0}, "eos": {"weight": 1.0}}))
+    result = call(reward, [GOOD, "x"], eos=[False, False])
+    assert result.per_term["format"] == [1.0, 0.0]
+    assert result.total == [0.0, 0.0]
+
+
+def test_accepts_plain_dicts():
+    reward = build_reward({"terms": {"format": {"weight": 2.0}}})
+    assert call(reward, [GOOD]).total == [2.0]
+
+
+# --------------------------------------------------------------------------- TRL and user terms
+
+
+def test_trl_think_format_reward_as_term():
+    from trl.rewards import think_format_reward
+
+    # TRL's function wants conversational completions and fails on plain strings, which is
+    # why terms from `trl` get their completions wrapped as one assistant message each.
+    assert think_format_reward([[{"content": "<think>r</think>answer"}]]) == [1.0]
+    with pytest.raises(TypeError):
+        think_format_reward(["<think>r</think>answer"])
+
+    reward = build_reward(reward_cfg({"think": {"weight": 2.0, "_target_": "trl.rewards.think_format_reward"}}))
+    assert reward.terms[0].conversational
+    result = call(reward, ["<think>r</think>answer", GOOD, "no think"])
+    assert result.per_term["think"] == [1.0, 1.0, 0.0]
+    assert result.total == [2.0, 2.0, 0.0]
+
+
+def test_user_target_term_with_kwargs():
+    reward = build_reward(
+        reward_cfg({"mine": {"weight": 0.5, "_target_": "tests.test_rewards.my_reward", "kwargs": {"bonus": 1.0}}})
+    )
+    assert not reward.terms[0].conversational
+    result = call(reward, ["ab", "abcd"])
+    assert result.per_term["mine"] == [3.0, 5.0]
+    assert result.total == [1.5, 2.5]
+
+
+def test_term_returning_none_counts_as_zero():
+    reward = build_reward(reward_cfg({"skip": {"_target_": "tests.test_rewards.skip_all"}, "format": {}}))
+    result = call(reward, [GOOD, "x"])
+    assert result.total == [1.0, 0.0]
+    assert result.means()["skip"] is None
+
+
+def test_term_returning_wrong_length_is_named():
+    reward = build_reward(reward_cfg({"short": {"_target_": "tests.test_rewards.wrong_length"}}))
+    with pytest.raises(ValueError, match="reward term 'short' returned 1 scores for 3 completions"):
+        call(reward, ["a", "b", "c"])
+
+
+def test_term_returning_nan_is_named():
+    reward = build_reward(reward_cfg({"bad": {"_target_": "tests.test_rewards.nan_reward"}}))
+    with pytest.raises(ValueError, match="reward term 'bad' returned a non-finite score"):
+        call(reward, ["a"])
+
+
+# --------------------------------------------------------------------------- config errors
+
+
+def test_unknown_builtin_names_key_and_lists_builtins():
+    with pytest.raises(ValueError) as info:
+        build_reward(reward_cfg({"formatt": {"weight": 1.0}}))
+    message = str(info.value)
+    assert "reward.terms.formatt" in message
+    for name in BUILTIN_TERMS:
+        assert name in message
+
+
+def test_unimportable_target_names_key_and_path():
+    errors = check_reward_config(reward_cfg({"x": {"_target_": "no_such_module.fn"}}))
+    assert len(errors) == 1
+    assert "reward.terms.x._target_" in errors[0] and "no_such_module.fn" in errors[0]
+    with pytest.raises(ValueError, match="reward.terms.x._target_"):
+        build_reward(reward_cfg({"x": {"_target_": "trl.rewards.no_such_reward"}}))
+
+
+def test_check_reward_config_collects_all_problems():
+    cfg = reward_cfg(
+        {
+            "format": {"weight": math.inf},
+            "length": {"kwargs": {"start_frac": 0.5}},
+            "eos": {"kwargs": {"num_tokens": 3}},
+            "plain": {"_target_": "tests.test_rewards.no_kwargs"},
+            "factory": {"_target_": "trl.rewards.get_soft_overlong_punishment"},
+            "typo": {},
+        }
+    )
+    errors = check_reward_config(cfg)
+    text = "\n".join(errors)
+    assert "reward.terms.format.weight must be finite" in text
+    assert "reward.terms.length.kwargs.start_frac: unknown option" in text and "start_fraction" in text
+    assert "reward.terms.eos.kwargs.num_tokens" in text
+    assert "reward.terms.plain._target_" in text and "**kwargs" in text
+    assert "reward.terms.factory._target_" in text
+    assert "reward.terms.typo: unknown built-in" in text
+    assert len(errors) == 6
+
+
+def test_check_reward_config_option_values_and_empty():
+    errors = check_reward_config(reward_cfg({"length": {"kwargs": {"start_fraction": 1.5}}}))
+    assert errors and "reward.terms.length.kwargs" in errors[0] and "start_fraction" in errors[0]
+    assert check_reward_config(reward_cfg({})) == ["reward.terms is empty: configure at least one reward term"]
+    assert check_reward_config(reward_cfg({"format": {}, "exact_match": {"weight": 1}})) == []
