@@ -1,12 +1,15 @@
 """One run, start to end: setup → train → cleanup (the torchtune recipe shape).
 
-Setup builds the components from the config; train runs PPO updates with progress bars
-and a metrics row per update; cleanup exports ``final/``.
+Setup takes the run dir's lock, records the attempt, builds the components and resumes
+from the newest good checkpoint; train runs PPO updates and acts at each step boundary
+(metrics row, checkpoint cadence, stop signal, deadline); cleanup saves the end checkpoint,
+exports ``final/`` and closes the attempt in ``session.json``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +17,13 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger(__name__)
+
+# Exit codes a job script can act on (a stop signal exits with 128 + its number).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REFUSED = 2  # the config, or the checkpoints in the run dir, do not allow this run
+EXIT_LOCKED = 3  # another live process holds the run dir
+EXIT_DEADLINE = 75  # stopped with a checkpoint before max_wall_seconds: re-run to continue
 
 
 def run_dir_of_job() -> Path:
@@ -31,30 +41,154 @@ def _postfix(row: dict) -> dict:
     }
 
 
+class Deadline:
+    """Stops before ``max_wall_seconds`` with time left for one more update and a save."""
+
+    def __init__(self, max_wall_seconds: float | None, started: float):
+        self.limit = max_wall_seconds
+        self.started = started
+        self.slowest_step = 0.0
+        self.slowest_save = 0.0
+
+    def observe_step(self, seconds: float) -> None:
+        self.slowest_step = max(self.slowest_step, seconds)
+
+    def observe_save(self, seconds: float) -> None:
+        self.slowest_save = max(self.slowest_save, seconds)
+
+    def next_step_would_overrun(self) -> bool:
+        if self.limit is None:
+            return False
+        elapsed = time.monotonic() - self.started
+        # The measured worst step and save, with a margin for jitter.
+        return elapsed + 1.5 * (self.slowest_step + self.slowest_save) + 1.0 > self.limit
+
+
+def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
+    from so8t.model.export import save_final
+
+    trainer = components.trainer
+    gate = trainer.gate_schedule.value(trainer.counters.step) if trainer.gate_schedule is not None else None
+    save_final(
+        components.policy,
+        components.tokenizer,
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.adapter, resolve=True),
+        gate,
+        run_dir / "final",
+        extra={"step": trainer.counters.step},
+    )
+
+
 def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
-    from so8t.build import build_components
-    from so8t.model.export import save_final
-    from so8t.run.metrics import MetricsWriter
+    from so8t.checkpoint import CheckpointError
+    from so8t.run.attempts import archive_hydra_config
+    from so8t.run.lock import RunLock, RunLockedError
+    from so8t.run.session import SessionFile
+    from so8t.run.signals import StopSignal
 
+    started = time.monotonic()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
     logging.getLogger("so8t").setLevel(cfg.logger.level)
-    log.info("run dir: %s", run_dir.resolve())
-    parts = build_components(cfg)
-    trainer = parts.trainer
-    metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except RunLockedError as exc:
+        log.error("%s", exc)
+        return EXIT_LOCKED
+    stop = StopSignal().install()
+    session = SessionFile(run_dir)
+    try:
+        archive_hydra_config(run_dir)
+        session.load()
+        return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started))
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return EXIT_REFUSED
+    finally:
+        stop.restore()
+        lock.release()
 
+
+def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) -> int:
+    from so8t.build import build_components
+    from so8t.checkpoint import CheckpointService
+    from so8t.config.identity import config_identity
+    from so8t.run.metrics import MetricsWriter
+
+    log.info("run dir: %s", run_dir.resolve())
+    components = build_components(cfg)
+    trainer = components.trainer
+    identity = config_identity(cfg)
+    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), identity)
+    resumed = checkpoints.resume(cfg.resume, identity)
+    if resumed is not None:
+        log.info("resumed from step %d (checkpoint %s, reason %s)", resumed.step, resumed.path, resumed.reason)
+    else:
+        log.info("starting fresh at step 0")
+    step = trainer.counters.step
+    if step >= cfg.max_steps:
+        log.info("run already completed: step %d of max_steps=%d; nothing to do", step, cfg.max_steps)
+        if not (run_dir / "final").is_dir():
+            _export_final(cfg, components, run_dir)
+        checkpoints.close()
+        return EXIT_OK
+
+    session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
+    metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
+    status, reason, code = "failed", "exception", EXIT_FAILED
+    try:
+        status, reason, code = _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline)
+        if status == "completed":
+            if cfg.checkpoint.save_on_end:
+                _save(checkpoints, session, trainer, "end", deadline)
+            _export_final(cfg, components, run_dir)
+            log.info("done: %d updates, %.1f s of training", trainer.counters.step,
+                     trainer.counters.training_time)
+        return code
+    except Exception:
+        log.exception("training failed at step %d", trainer.counters.step)
+        raise
+    finally:
+        metrics.close()
+        try:
+            checkpoints.close()
+        except Exception:  # a failed background write was logged when it happened
+            log.exception("the last background checkpoint write failed")
+        session.update(trainer.counters.step, trainer.counters.training_time)
+        session.end_attempt(status, reason, code)
+
+
+def _save(checkpoints, session, trainer, reason: str, deadline: Deadline) -> None:
+    began = time.monotonic()
+    path = checkpoints.save_now(trainer.counters.step, reason)
+    deadline.observe_save(time.monotonic() - began)
+    session.update(trainer.counters.step, trainer.counters.training_time,
+                   last_checkpoint={"step": trainer.counters.step, "path": str(path), "reason": reason})
+    log.info("checkpoint at step %d (%s): %s", trainer.counters.step, reason, path)
+
+
+def _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline: Deadline) -> tuple[str, str, int]:
+    """PPO updates until max_steps, a stop signal or the deadline; returns (status, reason, code)."""
     show = cfg.logger.progress_bars
-    start = trainer.counters.step
     with logging_redirect_tqdm():
-        steps = tqdm(total=cfg.max_steps, initial=start, desc="updates", unit="update", disable=not show,
-                     dynamic_ncols=True)
+        steps = tqdm(total=cfg.max_steps, initial=trainer.counters.step, desc="updates", unit="update",
+                     disable=not show, dynamic_ncols=True)
         epochs = tqdm(total=cfg.ppo.ppo_epochs, desc="ppo epochs", unit="epoch", leave=False,
                       disable=not show, dynamic_ncols=True)
         try:
             while trainer.counters.step < cfg.max_steps:
+                if stop.requested:
+                    break
+                if deadline.next_step_would_overrun():
+                    log.warning("stopping before max_wall_seconds=%s: the next update and a save might not fit",
+                                cfg.max_wall_seconds)
+                    _save(checkpoints, session, trainer, "deadline", deadline)
+                    return "interrupted", "deadline", EXIT_DEADLINE
                 epochs.reset()
                 row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
+                deadline.observe_step(row["time/step"])
                 metrics.write(row)
                 steps.set_postfix(_postfix(row), refresh=False)
                 steps.update(1)
@@ -63,20 +197,22 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
                     row["step"], row["reward/mean"], row["loss/total"], row["kl/mean"], row["entropy"],
                     row["clip_fraction"], row["time/step"],
                 )
+                if stop.requested:
+                    break
+                began = time.monotonic()
+                path = checkpoints.maybe_save(trainer.counters.step)
+                if path is not None:
+                    deadline.observe_save(time.monotonic() - began)
+                    session.update(trainer.counters.step, trainer.counters.training_time, last_checkpoint={
+                        "step": trainer.counters.step, "path": str(path), "reason": checkpoints.last_reason})
+                else:
+                    session.update(trainer.counters.step, trainer.counters.training_time)
         finally:
             epochs.close()
             steps.close()
-            metrics.close()
-
-    gate = trainer.gate_schedule.value(trainer.counters.step) if trainer.gate_schedule is not None else None
-    save_final(
-        parts.policy,
-        parts.tokenizer,
-        OmegaConf.to_container(cfg.model, resolve=True),
-        OmegaConf.to_container(cfg.adapter, resolve=True),
-        gate,
-        run_dir / "final",
-        extra={"step": trainer.counters.step},
-    )
-    log.info("done: %d updates, %.1f s of training", trainer.counters.step, trainer.counters.training_time)
-    return 0
+    if stop.requested:
+        log.warning("stop requested by %s: saving at step %d, then exiting with code %d "
+                    "(a second Ctrl+C aborts at once)", stop.name, trainer.counters.step, stop.exit_code)
+        _save(checkpoints, session, trainer, "signal", deadline)
+        return "interrupted", stop.name or "signal", stop.exit_code
+    return "completed", "end", EXIT_OK

@@ -120,9 +120,12 @@ def test_tiny_loads_in_requested_dtype():
 def test_shipped_model_is_partly_right(tiny):
     model, tok = tiny
     metrics = evaluate_greedy(model, tok, arithmetic_pairs(9))
-    assert metrics["format_rate"] >= 0.9
+    assert metrics["well_formed"] >= 0.9
     # Partly right: room for PPO to improve, but clearly better than chance.
-    assert 0.2 <= metrics["accuracy"] <= 0.55, metrics
+    assert 0.2 <= metrics["answer_accuracy"] <= 0.55, metrics
+    # It prefers the bare answer style the strict format reward rejects: PPO has to teach
+    # the SO8T format.
+    assert metrics["format_rate"] <= 0.5, metrics
 
 
 @pytest.fixture
@@ -138,8 +141,8 @@ def one_thread():
 def test_pretraining_stops_partly_right_and_saves_loadable_assets(tmp_path, one_thread):
     model, tok, report = pretrain(PretrainSettings(seed=0))
     assert report["stopped_on_criterion"]
-    assert report["eval_operands_0_9"]["format_rate"] >= 0.9
-    assert 0.3 < report["eval_operands_0_9"]["accuracy"] <= 0.55
+    assert report["eval_operands_0_9"]["well_formed"] >= 0.9
+    assert 0.3 < report["eval_operands_0_9"]["answer_accuracy"] <= 0.55
     save_tiny(model, tok, tmp_path, {"seed": 0, **report})
     assert (tmp_path / "training.json").is_file()
     loaded, loaded_tok = load_base_model(model_cfg("local", str(tmp_path)))

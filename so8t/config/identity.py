@@ -65,7 +65,7 @@ def config_identity(cfg: Any) -> dict[str, Any]:
     """Flat ``{"dotted.key": value}`` of every result-shaping key of a composed config."""
     from omegaconf import OmegaConf
 
-    container = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, Mapping) else cfg
+    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
     if not isinstance(container, Mapping):
         raise TypeError("config_identity expects a mapping config")
     return {k: v for k, v in flatten(container).items() if not is_neutral(k)}

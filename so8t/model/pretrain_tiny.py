@@ -2,11 +2,16 @@
 
 Run ``python -m so8t.model.pretrain_tiny`` to regenerate ``so8t/model/assets/tiny``.
 
-The shipped model is a *starting point for PPO*: it should nearly always write the answer
-format (``<think></think><final>N</final><eos>``) but get only some sums right, so that a
-PPO run has visible room to improve. Training therefore stops on a criterion (greedy
-accuracy on operands 0-9 reaching a target, with the format learned) rather than after a
-fixed number of steps. Everything is seeded; on the same torch build and thread count the
+The shipped model is a *starting point for PPO*, with visible room to improve in two ways:
+
+* it writes the SO8T answer format (``<think></think><final>N</final><eos>``) only about half
+  of the time: the other half of its training targets are the bare ``<final>N</final>`` that
+  the strict format reward rejects. Choosing the format is a global behaviour that the SO(8)
+  adapters (input-independent rotations of the residual stream) can learn quickly, which is
+  why the tiny default task is built this way;
+* it gets only some sums right. Training stops on a criterion (greedy answer accuracy on
+  operands 0-9 reaching a target, with a well-formed answer nearly always) rather than
+  after a fixed number of steps. Everything is seeded; on the same torch build and thread count the
 result is reproducible.
 """
 
@@ -30,6 +35,7 @@ from so8t.model.tiny import TINY_DIR, build_tiny_config, build_tiny_tokenizer
 log = logging.getLogger(__name__)
 
 _ANSWER = re.compile(r"<think>.*?</think><final>(\d+)</final>")
+_PLAIN = re.compile(r"<final>(\d+)</final>")
 
 
 def arithmetic_pairs(max_operand: int) -> list[tuple[int, int]]:
@@ -46,19 +52,28 @@ def target_text(a: int, b: int) -> str:
     return f"<think></think><final>{a + b}</final>"
 
 
+def plain_target_text(a: int, b: int) -> str:
+    """The bare answer style the pre-training mixes in (no think block: the reward rejects it)."""
+    return f"<final>{a + b}</final>"
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def build_sft_batch(
-    tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[int, int]]
+    tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[int, int]], plain: list[bool] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Left-padded ``prompt + target + <eos>`` sequences; labels only on the response."""
+    """Left-padded ``prompt + target + <eos>`` sequences; labels only on the response.
+
+    ``plain[i]`` picks the bare answer style for row i (default: the SO8T format everywhere)."""
     rows = []
-    for a, b in pairs:
+    plain = plain or [False] * len(pairs)
+    for (a, b), bare in zip(pairs, plain):
         prompt = tokenizer(prompt_text(a, b), add_special_tokens=False).input_ids
-        response = tokenizer(target_text(a, b), add_special_tokens=False).input_ids
+        target = plain_target_text(a, b) if bare else target_text(a, b)
+        response = tokenizer(target, add_special_tokens=False).input_ids
         rows.append((prompt, response + [tokenizer.eos_token_id]))
     width = max(len(p) + len(r) for p, r in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -89,6 +104,7 @@ def evaluate_greedy(
 
     ``format_rate``: the response (up to ``<eos>``) has the answer format and ends with
     ``<eos>``. ``accuracy``: the response is exactly the target followed by ``<eos>``.
+    ``answer_accuracy``: the sum is right in either style; ``well_formed``: either style.
     """
     was_training = model.training
     model.eval()
@@ -106,7 +122,7 @@ def evaluate_greedy(
         eos_token_id=tokenizer.eos_token_id,
     )
     responses = out[:, enc.input_ids.shape[1] :].tolist()
-    formatted = correct = 0
+    formatted = correct = answered = well_formed = 0
     for (a, b), ids in zip(pairs, responses):
         if tokenizer.eos_token_id not in ids:
             continue  # never finished: neither formatted nor correct
@@ -115,8 +131,14 @@ def evaluate_greedy(
             formatted += 1
         if text == target_text(a, b):
             correct += 1
+        if _ANSWER.fullmatch(text) or _PLAIN.fullmatch(text):
+            well_formed += 1
+        if text in (target_text(a, b), plain_target_text(a, b)):
+            answered += 1
     model.train(was_training)
-    return {"format_rate": formatted / len(pairs), "accuracy": correct / len(pairs)}
+    n = len(pairs)
+    return {"format_rate": formatted / n, "accuracy": correct / n, "answer_accuracy": answered / n,
+            "well_formed": well_formed / n}
 
 
 @dataclass
@@ -124,8 +146,9 @@ class PretrainSettings:
     seed: int = 0
     max_operand: int = 19  # training operands 0..max_operand
     eval_max_operand: int = 9  # the stopping criterion looks at operands 0..this
-    target_accuracy: float = 0.3  # stop once greedy accuracy on the eval pairs exceeds this
-    min_format_rate: float = 0.9  # ... and the format is (nearly) always right
+    target_accuracy: float = 0.3  # stop once greedy answer accuracy on the eval pairs exceeds this
+    min_format_rate: float = 0.9  # ... and the answer is (nearly) always well formed, either style
+    plain_fraction: float = 0.7  # share of training targets in the bare style
     max_steps: int = 3000  # safety net; reaching it means the criterion was never met
     batch_size: int = 64
     lr: float = 3e-3
@@ -139,22 +162,20 @@ def pretrain(settings: PretrainSettings) -> tuple[PreTrainedModel, PreTrainedTok
     model = Phi3ForCausalLM(build_tiny_config(tokenizer=tokenizer))
     model.train()
 
-    train = build_sft_batch(tokenizer, arithmetic_pairs(settings.max_operand))
+    pairs = arithmetic_pairs(settings.max_operand)
+    # Every pair appears in both styles; the bare style is drawn with ``plain_fraction``.
+    train = build_sft_batch(tokenizer, pairs + pairs, [False] * len(pairs) + [True] * len(pairs))
+    style_weights = torch.tensor([1.0 - settings.plain_fraction] * len(pairs) + [settings.plain_fraction] * len(pairs))
     eval_pairs = arithmetic_pairs(settings.eval_max_operand)
-    n = train["input_ids"].shape[0]
     # A private generator so the data order depends only on the seed.
     order_rng = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
 
     started = time.monotonic()
-    order = torch.randperm(n, generator=order_rng)
-    cursor, step, metrics = 0, 0, {"format_rate": 0.0, "accuracy": 0.0}
+    step, metrics = 0, {"format_rate": 0.0, "accuracy": 0.0, "answer_accuracy": 0.0, "well_formed": 0.0}
     stopped_on_criterion = False
     while step < settings.max_steps:
-        if cursor + settings.batch_size > n:  # new epoch: reshuffle
-            order, cursor = torch.randperm(n, generator=order_rng), 0
-        idx = order[cursor : cursor + settings.batch_size]
-        cursor += settings.batch_size
+        idx = torch.multinomial(style_weights, settings.batch_size, replacement=True, generator=order_rng)
         loss = model(**{k: v[idx] for k, v in train.items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,8 +185,8 @@ def pretrain(settings: PretrainSettings) -> tuple[PreTrainedModel, PreTrainedTok
             metrics = evaluate_greedy(model, tokenizer, eval_pairs)
             log.debug("step %d loss %.4f %s", step, loss.item(), metrics)
             if (
-                metrics["accuracy"] > settings.target_accuracy
-                and metrics["format_rate"] >= settings.min_format_rate
+                metrics["answer_accuracy"] > settings.target_accuracy
+                and metrics["well_formed"] >= settings.min_format_rate
             ):
                 stopped_on_criterion = True
                 break
@@ -214,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--target-accuracy", type=float, default=defaults.target_accuracy)
+    parser.add_argument("--plain-fraction", type=float, default=defaults.plain_fraction,
+                        help="share of training targets in the bare <final>N</final> style")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
 
@@ -226,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         eval_every=args.eval_every,
         target_accuracy=args.target_accuracy,
+        plain_fraction=args.plain_fraction,
     )
     model, tokenizer, report = pretrain(settings)
 

@@ -1,0 +1,152 @@
+"""Every config option and preset composes and validates; bad input names its key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from so8t.config import CONF_DIR, EXPERIMENTS_DIR, register
+from so8t.config.identity import config_identity, is_neutral, name_from_overrides, safe_name
+from so8t.config.validate import ConfigValidationError, validate
+
+register()
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+GROUP_OPTIONS = [
+    (group, option)
+    for group in ("model", "adapter", "ppo", "reward", "data", "checkpoint", "hardware", "logger", "paths", "debug")
+    for option in _options(group)
+]
+# Options that need a value the user must supply before they validate.
+REQUIRED = {("model", "local"): ["model.path=/some/folder"], ("data", "jsonl"): ["data.path=prompts.jsonl"]}
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = _compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    validate(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
+def test_every_experiment_preset_composes_validates_and_starts_with_its_command(name):
+    cfg = _compose([f"experiment={name}"])
+    validate(cfg)
+    first_line = (EXPERIMENTS_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    assert first_line == f"# so8t-train experiment={name}"
+
+
+def test_phi35_preset_selects_the_real_model_and_the_3060_profile():
+    cfg = _compose(["experiment=phi35_rtx3060"])
+    assert cfg.model.path == "microsoft/Phi-3.5-mini-instruct"
+    assert cfg.hardware.device == "cuda" and cfg.hardware.dtype == "bfloat16"
+    assert cfg.hardware.micro_batch_size == 1 and cfg.hardware.gradient_checkpointing
+
+
+def test_hardware_profiles_change_only_device_and_memory_knobs():
+    cpu = config_identity(_compose(["hardware=cpu"]))
+    gpu = config_identity(_compose(["hardware=rtx3060"]))
+    assert cpu == gpu
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.does_not_exist=1", "model.does_not_exist"),
+        ("ppo.nope=3", "ppo.nope"),
+        ("ppo.temperature=hot", "ppo.temperature"),
+        ("max_steps=many", "max_steps"),
+        ("adapter=nope", "adapter/nope"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_at_composition_naming_the_key(override, needle):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose([override])
+    text = str(info.value) + str(info.value.__cause__ or "")
+    assert needle in text
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["ppo.temperature=-1"], "ppo.temperature"),
+        (["ppo.temperature=0"], "ppo.temperature"),
+        (["ppo.mini_batch_size=5"], "ppo.mini_batch_size"),
+        (["hardware.micro_batch_size=3"], "hardware.micro_batch_size"),
+        (["ppo.gamma=1.5"], "ppo.gamma"),
+        (["ppo.kl.kind=magic"], "ppo.kl.kind"),
+        (["+reward.terms.nonsense.weight=1"], "reward.terms.nonsense"),
+        (["+reward.terms.format.bogus=1"], "reward.terms.format.bogus"),
+        (["+model.bogus=1"], "model.bogus"),
+        (["+adapter.bogus=1"], "adapter.bogus"),
+        (["+adapter.gate.bogus=1"], "adapter.gate.bogus"),
+        (["adapter.gate.kind=sigmoid", "adapter.gate.steps=0"], "adapter.gate.steps"),
+        (["data.max_operand=-1"], "data.max_operand"),
+        (["hardware.device=tpu"], "hardware.device"),
+        (["checkpoint.policy=sometimes"], "checkpoint.policy"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        (["max_steps=0"], "max_steps"),
+        (["model=local"], "model.path"),
+        (["data=jsonl"], "data.path"),
+    ],
+)
+def test_bad_values_fail_validation_naming_the_key(overrides, needle):
+    cfg = _compose(overrides)
+    with pytest.raises(ConfigValidationError) as info:
+        validate(cfg)
+    assert needle in str(info.value)
+
+
+def test_validation_reports_every_problem_at_once():
+    cfg = _compose(["ppo.temperature=-1", "ppo.mini_batch_size=5"])
+    with pytest.raises(ConfigValidationError) as info:
+        validate(cfg)
+    assert len(info.value.problems) == 2
+
+
+def test_user_reward_term_with_target_validates():
+    cfg = _compose(["+reward.terms.think={weight:0.5,_target_:trl.rewards.think_format_reward}"])
+    validate(cfg)
+    assert cfg.reward.terms.think.weight == 0.5
+
+
+def test_run_name_ignores_order_and_result_neutral_keys():
+    a = name_from_overrides(["seed=2", "ppo.optimizer.learning_rate=1e-5", "hardware=rtx3060", "max_steps=9"])
+    b = name_from_overrides(["ppo.optimizer.learning_rate=1e-5", "checkpoint.every_seconds=5", "seed=2"])
+    assert a == b == "ppo.optimizer.learning_rate=1e-5,seed=2"
+    assert name_from_overrides([]) == "default"
+    assert name_from_overrides(["max_steps=3", "logger.level=DEBUG", "checkpoint=time"]) == "default"
+
+
+def test_run_names_are_file_system_safe_and_hashed_when_long():
+    name = name_from_overrides(["data.path=/data/x y/prompts.jsonl", "data=jsonl"])
+    assert "/" not in name and " " not in name and "\\" not in name
+    long = name_from_overrides([f"ppo.k{i}=value{i}" for i in range(40)])
+    other = name_from_overrides([f"ppo.k{i}=value{i}" for i in range(41)])
+    assert len(long) <= 80 and len(other) <= 80 and long != other
+    assert safe_name("a:b*c?d.") == "a_b_c_d"
+
+
+def test_neutral_keys_cover_hardware_logging_cadence_and_length():
+    for key in ("hardware", "hardware.num_threads", "logger.level", "checkpoint.every_steps", "max_steps", "+max_steps"):
+        assert is_neutral(key)
+    for key in ("seed", "ppo.temperature", "model.path", "adapter.layers"):
+        assert not is_neutral(key)
+
+
+def test_identity_is_flat_and_excludes_neutral_keys():
+    identity = config_identity(_compose())
+    assert identity["model.source"] == "tiny"
+    assert "ppo.optimizer.learning_rate" in identity
+    assert not any(k.startswith(("hardware", "checkpoint", "logger")) for k in identity)
+    assert OmegaConf.is_config(_compose()) and "max_steps" not in identity
