@@ -50,7 +50,7 @@ def sample_responses(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logprobs, values, real = [], [], [], []
     for t in range(max_new_tokens):
-        logp_all = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        logp_all = scaled_log_softmax(out.logits[:, -1], temperature, pad_id)
         if greedy:
             token = logp_all.argmax(dim=-1)
         else:
@@ -58,7 +58,8 @@ def sample_responses(
         alive = ~finished
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
-        logprobs.append(logp_all.gather(-1, token[:, None]).squeeze(-1))
+        # Finished rows get pad (log-prob -inf): store 0 so masked sums stay finite.
+        logprobs.append(logp_all.gather(-1, token[:, None]).squeeze(-1).masked_fill(~alive, 0.0))
         values.append(out.values[:, -1].float())
         real.append(alive)
         finished = finished | (token == eos_id)
@@ -90,7 +91,27 @@ def response_logits(policy, rollout: Rollout, rows: torch.Tensor | slice = slice
     return out.logits[:, start:stop].float(), out.values[:, start:stop].float(), response_ids
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of ``tokens`` at ``temperature`` and the full log-softmax (for entropy)."""
-    logp_all = torch.log_softmax(logits / temperature, dim=-1)
-    return logp_all.gather(-1, tokens[..., None]).squeeze(-1), logp_all
+def scaled_log_softmax(logits: torch.Tensor, temperature: float, pad_id: int | None) -> torch.Tensor:
+    """Log-softmax at ``temperature`` with the pad token excluded.
+
+    Pad only fills positions after EOS; a sampled pad would end a response without EOS and
+    blur the response mask, so the policy never samples it. Training log-probs use the same
+    masking so that the ratio compares like with like.
+    """
+    logits = logits.float() / temperature
+    if pad_id is not None:
+        logits[..., pad_id] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                   pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``tokens`` at ``temperature`` and the full log-softmax (for entropy).
+
+    Positions after EOS hold the pad token, whose log-prob is -inf; they are zeroed here so
+    that masked sums stay finite."""
+    logp_all = scaled_log_softmax(logits, temperature, pad_id)
+    logprobs = logp_all.gather(-1, tokens[..., None]).squeeze(-1)
+    if pad_id is not None:
+        logprobs = logprobs.masked_fill(tokens == pad_id, 0.0)
+    return logprobs, logp_all

@@ -147,7 +147,7 @@ class PPOTrainer:
         )
         with self.policy.reference():
             ref_logits, _, tokens = response_logits(self.policy, rollout)
-            ref_logprobs = token_logprobs(ref_logits, tokens, cfg.temperature)[0] * rollout.response_mask
+            ref_logprobs = token_logprobs(ref_logits, tokens, cfg.temperature, self.pad_id)[0] * rollout.response_mask
 
         completions = self._decode_responses(rollout)
         eos = rollout.ended_with_eos.tolist()
@@ -187,7 +187,7 @@ class PPOTrainer:
         cfg = self.cfg
         ro = scored.rollout
         logits, values, tokens = response_logits(self.policy, ro, rows)
-        logprobs, logp_all = token_logprobs(logits, tokens, cfg.temperature)
+        logprobs, logp_all = token_logprobs(logits, tokens, cfg.temperature, self.pad_id)
         mask = ro.response_mask[rows].float()
         parts = ppo_losses(
             logprobs,
@@ -201,7 +201,9 @@ class PPOTrainer:
             cfg.clip_range_value,
             token_weight,
         )
-        entropy_tokens = -(logp_all.exp() * logp_all).sum(-1)
+        probs = logp_all.exp()
+        # The masked pad has p = 0 and log p = -inf; 0 * -inf would be NaN.
+        entropy_tokens = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)
         entropy_sum = (entropy_tokens * mask).sum()
         loss = parts.policy_loss + cfg.vf_coef * parts.value_loss - cfg.ent_coef * entropy_sum * token_weight
         return loss, parts, entropy_sum.detach(), mask.sum()

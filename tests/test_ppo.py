@@ -1,0 +1,182 @@
+"""PPO pieces: GAE, per-token rewards, KL/ratio at the start, EOS masking, optimizer steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from so8t.build import build_components
+from so8t.config import CONF_DIR, register
+from so8t.ppo.advantages import gae, last_token_index, masked_whiten, token_rewards
+from so8t.ppo.kl import AdaptiveKLController, FixedKLController
+from so8t.ppo.rollout import response_logits, token_logprobs
+from so8t.ppo.schedules import lr_multiplier
+
+register()
+
+
+def _trainer(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hardware.num_threads=1", *overrides])
+    return build_components(cfg).trainer
+
+
+def test_gae_matches_a_hand_computed_example():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.95)
+    # t=2: 1 - 0.3 = 0.7; t=1: (0.3 - 0.4) + 0.95 * 0.7 = 0.565; t=0: (0.4 - 0.5) + 0.95 * 0.565
+    expected = torch.tensor([[-0.1 + 0.95 * 0.565, 0.565, 0.7]])
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert torch.allclose(returns, expected + values, atol=1e-6)
+
+
+def test_gae_stops_at_the_end_of_the_episode():
+    rewards = torch.tensor([[0.0, 2.0, 5.0]])  # the 5 sits after the episode: it must not count
+    values = torch.tensor([[1.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    # t=1: 2 + 0.9 * 0 - 1 = 1; t=0: 0 + 0.9 * 1 - 1 + 0.9 * 0.95 * 1
+    assert torch.allclose(advantages, torch.tensor([[-0.1 + 0.855, 1.0, 0.0]]), atol=1e-6)
+    assert returns[0, 2] == 0
+
+
+def test_score_lands_on_the_last_real_token_and_kl_on_every_token():
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    logprobs = torch.full((2, 4), -1.0)
+    ref = torch.full((2, 4), -1.5)
+    rewards, kl = token_rewards(torch.tensor([3.0, -2.0]), logprobs, ref, mask, kl_coef=0.1)
+    assert last_token_index(mask).tolist() == [1, 3]
+    assert torch.allclose(kl, 0.5 * mask)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.05 + 3.0, 0.0, 0.0], [-0.05, -0.05, -0.05, -0.05 - 2.0]]))
+
+
+def test_whitening_ignores_padding():
+    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    whitened = masked_whiten(values, mask)
+    real = whitened[mask.bool()]
+    assert abs(float(real.mean())) < 1e-6 and abs(float(real.std()) - 1.0) < 1e-3
+    assert whitened[0, 2] == 0 and whitened[1, 2] == 0
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.05)
+    fixed.update(100.0, 32)
+    assert fixed.value == 0.05
+    adaptive = AdaptiveKLController(0.05, target=1.0, horizon=100)
+    adaptive.update(5.0, 32)  # KL above target: beta grows (error clipped at +0.2)
+    assert math.isclose(adaptive.value, 0.05 * (1 + 0.2 * 32 / 100))
+    state = adaptive.state_dict()
+    other = AdaptiveKLController(0.5, target=1.0, horizon=100)
+    other.load_state_dict(state)
+    assert other.value == adaptive.value
+
+
+def test_lr_schedules():
+    assert lr_multiplier(5, "constant", 0, 10) == 1.0
+    assert lr_multiplier(0, "constant", 4, 10) == 0.25
+    assert lr_multiplier(5, "linear", 0, 10) == 0.5
+    assert math.isclose(lr_multiplier(10, "cosine", 0, 10), 0.0, abs_tol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def first_rollout():
+    torch.manual_seed(0)
+    trainer = _trainer()
+    return trainer, trainer.make_rollout()
+
+
+def test_kl_is_zero_and_ratio_is_one_on_the_first_mini_batch(first_rollout):
+    trainer, scored = first_rollout
+    ro = scored.rollout
+    # Adapters start at the identity, so the policy is the reference.
+    assert scored.stats["kl/mean"] == pytest.approx(0.0, abs=1e-5)
+    rows = torch.arange(trainer.cfg.mini_batch_size)
+    with torch.no_grad():
+        logits, values, tokens = response_logits(trainer.policy, ro, rows)
+        logprobs, _ = token_logprobs(logits, tokens, trainer.cfg.temperature, trainer.pad_id)
+    mask = ro.response_mask[rows].bool()
+    ratio = torch.exp(logprobs - ro.logprobs[rows])[mask]
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+    # The values of the sampling pass are the values of a full pass.
+    assert torch.allclose(values[mask], ro.values[rows][mask], atol=1e-5)
+
+
+def test_nothing_counts_after_eos(first_rollout):
+    trainer, scored = first_rollout
+    ro = scored.rollout
+    eos = trainer.eos_id
+    for row in range(ro.response_ids.shape[0]):
+        ids, mask = ro.response_ids[row].tolist(), ro.response_mask[row].tolist()
+        if eos in ids:
+            end = ids.index(eos)
+            assert mask == [1] * (end + 1) + [0] * (len(ids) - end - 1)
+            assert all(t == trainer.pad_id for t in ids[end + 1 :])
+        else:
+            assert all(mask) and not bool(ro.ended_with_eos[row])
+        tail = torch.tensor(mask) == 0
+        for tensor in (ro.logprobs, ro.values, scored.advantages, scored.returns, scored.kl):
+            assert torch.all(tensor[row][tail] == 0)
+    assert bool(ro.ended_with_eos.any()), "the tiny model should finish some responses"
+
+
+def test_missing_eos_is_penalised_and_score_is_the_weighted_reward(first_rollout):
+    trainer, scored = first_rollout
+    ro = scored.rollout
+    penalty = trainer.cfg.missing_eos_penalty
+    decoded = trainer._decode_responses(ro)
+    assert len(decoded) == ro.response_ids.shape[0]
+    raw = scored.scores + penalty * (~ro.ended_with_eos).float()
+    assert float(raw.mean()) == pytest.approx(scored.stats["reward/mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("micro", [None, 2])
+def test_one_optimizer_step_per_mini_batch_per_epoch(micro):
+    overrides = ["ppo.rollout_batch_size=16", "ppo.mini_batch_size=4", "ppo.ppo_epochs=3"]
+    if micro:
+        overrides.append(f"hardware.micro_batch_size={micro}")
+    trainer = _trainer(*overrides)
+    steps = []
+    handle = trainer.optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    row = trainer.train_step()
+    handle.remove()
+    assert len(steps) == 3 * (16 // 4)
+    assert row["step"] == 1 and row["episodes"] == 16
+
+
+def test_micro_batches_accumulate_to_the_mini_batch_gradient():
+    torch.manual_seed(0)
+    trainer = _trainer("ppo.rollout_batch_size=8", "ppo.mini_batch_size=8")
+    scored = trainer.make_rollout()
+    rows = torch.arange(8)
+    tokens = float(scored.rollout.response_mask.sum())
+    params = trainer.policy.trainable_parameters()
+
+    def grads(chunks):
+        for p in params:
+            p.grad = None
+        for chunk in chunks:
+            loss, *_ = trainer._micro_batch_loss(scored, chunk, 1.0 / tokens)
+            loss.backward()
+        return [p.grad.clone() for p in params]
+
+    whole = grads([rows])
+    split = grads([rows[:3], rows[3:5], rows[5:]])
+    for a, b in zip(whole, split):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_update_moves_only_the_trainable_parameters():
+    trainer = _trainer("ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1")
+    base_before = {k: v.clone() for k, v in trainer.policy.base.state_dict().items()}
+    trainable_before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}
+    trainer.train_step()
+    for k, v in trainer.policy.base.state_dict().items():
+        if "rotations" not in k:
+            assert torch.equal(v, base_before[k]), k
+    after = trainer.policy.trainable_state_dict()
+    assert any(not torch.equal(after[k], trainable_before[k]) for k in after)
