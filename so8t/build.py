@@ -14,6 +14,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class SetupError(RuntimeError):
+    """The machine cannot run this config as asked (e.g. CUDA requested but absent)."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -24,8 +28,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"hardware.device={name} but CUDA is not available; use hardware=cpu")
-    return torch.device(name)
+        raise SetupError(f"hardware.device={name} but CUDA is not available on this machine; use hardware=cpu "
+                         "(or install a CUDA build of torch, see the README)")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SetupError(f"hardware.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def configure_hardware(hw_cfg) -> tuple[torch.device, torch.dtype]:

@@ -82,7 +82,9 @@ def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
 
 def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
+    from so8t.build import SetupError
     from so8t.checkpoint import CheckpointError
+    from so8t.model.loading import ModelNotAvailableError
     from so8t.run.attempts import archive_hydra_config
     from so8t.run.lock import RunLock, RunLockedError
     from so8t.run.session import SessionFile
@@ -103,7 +105,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
         archive_hydra_config(run_dir)
         session.load()
         return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started))
-    except CheckpointError as exc:
+    except (CheckpointError, ModelNotAvailableError, SetupError) as exc:
         log.error("%s", exc)
         return EXIT_REFUSED
     finally:

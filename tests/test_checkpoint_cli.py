@@ -284,6 +284,7 @@ def test_every_checkpoint_corrupt_refuses_to_start(tmp_path, base):
     for step in committed_steps(run):
         flip_byte(run / "checkpoints" / f"step_{step:08d}" / TENSORS_FILE)
     metrics_before = (run / "metrics.jsonl").read_bytes()
+    log_before = len(log_text(run))
     result = train(tmp_path, *BASE_ARGS, "max_steps=12")
     assert result.returncode == EXIT_REFUSED, result.stdout[-4000:]
     assert "none is usable" in result.stdout
@@ -291,7 +292,8 @@ def test_every_checkpoint_corrupt_refuses_to_start(tmp_path, base):
         assert f"step_{step:08d}: sha256 mismatch" in result.stdout
     assert (run / "metrics.jsonl").read_bytes() == metrics_before
     assert committed_steps(run) == [3, 6, 9, 10]  # nothing deleted
-    assert "starting fresh" not in log_text(run)
+    new_log = log_text(run)[log_before:]
+    assert "none is usable" in new_log and "starting fresh" not in new_log and "step 1:" not in new_log
 
 
 # ---------------------------------------------------------------------- retention
