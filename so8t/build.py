@@ -9,13 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from so8t.errors import SetupError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class SetupError(RuntimeError):
-    """The machine cannot run this config as asked (e.g. CUDA requested but absent)."""
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,7 @@ exports ``final/`` and closes the attempt in ``session.json``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -39,6 +40,20 @@ def _postfix(row: dict) -> dict:
         "kl": f"{row['kl/mean']:.4f}",
         "s/step": f"{row['time/step']:.2f}",
     }
+
+
+def _process_started() -> float:
+    """``time.monotonic()`` when this process started, so ``max_wall_seconds`` also counts the
+    interpreter and Hydra start-up (seconds on a loaded machine), as a job's clock does.
+    Linux reads /proc/self/stat; elsewhere (or if that fails) it is now."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    return now - age if age >= 0 else now
 
 
 class Deadline:
@@ -82,15 +97,13 @@ def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
 
 def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
-    from so8t.build import SetupError
-    from so8t.checkpoint import CheckpointError
-    from so8t.model.loading import ModelNotAvailableError
+    from so8t.errors import CheckpointError, ModelNotAvailableError, SetupError
     from so8t.run.attempts import archive_hydra_config
     from so8t.run.lock import RunLock, RunLockedError
     from so8t.run.session import SessionFile
     from so8t.run.signals import StopSignal
 
-    started = time.monotonic()
+    started = _process_started()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
     logging.getLogger("so8t").setLevel(cfg.logger.level)
     lock = RunLock(run_dir)
@@ -102,6 +115,8 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     stop = StopSignal().install()
     session = SessionFile(run_dir)
     try:
+        if _completed_already(cfg, run_dir, session):
+            return EXIT_OK
         archive_hydra_config(run_dir)
         session.load()
         return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started))
@@ -111,6 +126,23 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     finally:
         stop.restore()
         lock.release()
+
+
+def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
+    """session.json says this very config already ran to ``max_steps`` and exported ``final/``:
+    a re-run (say, of a sweep) then skips it in seconds, without building the model."""
+    import json
+
+    from so8t.config.identity import config_identity
+
+    data = session.load()
+    step = data.get("global_step")
+    if (cfg.resume != "auto" or data.get("status") != "completed" or not isinstance(step, int)
+            or step < cfg.max_steps or not (run_dir / "final").is_dir()
+            or data.get("config_identity") != json.loads(json.dumps(config_identity(cfg)))):
+        return False
+    log.info("run already completed: step %d of max_steps=%d (session.json); skipped", step, cfg.max_steps)
+    return True
 
 
 def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) -> int:
@@ -135,6 +167,12 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
         if not (run_dir / "final").is_dir():
             _export_final(cfg, components, run_dir)
         checkpoints.close()
+        if session.data.get("status") != "completed":
+            # The attempt that reached max_steps died before closing session.json (killed between
+            # its end checkpoint and the export): this attempt finished the run; record it.
+            session.start_attempt(cfg.max_steps, identity, step)
+            session.update(step, trainer.counters.training_time)
+            session.end_attempt("completed", "end", EXIT_OK)
         return EXIT_OK
 
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)

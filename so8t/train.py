@@ -22,17 +22,19 @@ register()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def _run(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> float:
+    """One run (or one job of a ``-m`` sweep); returns the objective, the final mean reward."""
+    from so8t.recipe import EXIT_REFUSED, run_dir_of_job
+    from so8t.sweep import job_result
+
     try:
         validate(cfg)
     except ConfigValidationError as exc:
         log.error("%s", exc)
-        raise SystemExit(2)
+        return job_result(EXIT_REFUSED, run_dir_of_job())
     from so8t.recipe import run_training
 
-    code = run_training(cfg)
-    if code:
-        raise SystemExit(code)
+    return job_result(run_training(cfg), run_dir_of_job(), cfg.logger.metrics_file)
 
 
 def main() -> None:
@@ -40,4 +42,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the entry point of the importable module, not of this __main__ copy, so that launchers
+    # which pickle the task function (joblib, submitit) find it by name in their workers.
+    from so8t.train import main as _main
+
+    sys.exit(_main())

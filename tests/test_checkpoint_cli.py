@@ -192,7 +192,7 @@ def test_sigkill_after_half_then_rerun_is_bit_exact(tmp_path, straight):
     ok(train(tmp_path, *args))
     k = resumed_step(run)
     assert N // 2 < k < N, f"resumed from step {k}"
-    assert k >= killed_at - 5  # the newest committed checkpoint (or one still being written) was taken
+    assert k >= killed_at  # the newest committed checkpoint was taken
     assert_same_tensors(final_tensors(run), final_tensors(straight))
 
     rows, expected = metric_rows(run), metric_rows(straight)
@@ -237,10 +237,6 @@ def test_time_policy_kill_at_a_random_moment_then_rerun(tmp_path, straight):
 # ---------------------------------------------------------------------- corruption
 
 
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:100])
-
-
 def _no_latest_and_a_leftover_temporary(checkpoints: Path) -> None:
     (checkpoints / LATEST_FILE).unlink()
     tmp = checkpoints / ".tmp-step_00000011-0badf00d"
@@ -253,16 +249,14 @@ def _no_latest_and_a_leftover_temporary(checkpoints: Path) -> None:
     [
         (lambda c: flip_byte(c / "step_00000010" / TENSORS_FILE), 9,
          ["Rejected checkpoint", "step_00000010", "sha256 mismatch for state.safetensors"]),
-        (lambda c: _truncate(c / "step_00000010" / TENSORS_FILE), 9,
-         ["Rejected checkpoint", "step_00000010", "size mismatch for state.safetensors"]),
-        (lambda c: (c / "step_00000010" / MANIFEST_FILE).unlink(), 9,
-         ["Rejected checkpoint", "step_00000010", "missing MANIFEST.json"]),
         (_no_latest_and_a_leftover_temporary, 10,
          ["LATEST is missing", "Removing incomplete checkpoint", ".tmp-step_00000011-0badf00d"]),
     ],
-    ids=["flipped-byte", "truncated", "no-manifest", "no-latest+leftover-temp"],
+    ids=["flipped-byte", "no-latest+leftover-temp"],
 )
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, base, damage, resumed_from, expected_log):
+    # Each kind of damage is covered in-process by test_checkpoint_service.py; two of them
+    # here prove that the CLI logs the reason to train.log and carries on.
     run = copy_run(base, tmp_path)
     damage(run / "checkpoints")
     ok(train(tmp_path, *BASE_ARGS, "max_steps=12"))
@@ -361,3 +355,34 @@ def test_resume_from_a_path_forks_into_a_new_run(tmp_path, base):
     assert all(rows[s] == original[s] for s in rows)
     assert_same_tensors(final_tensors(run), final_tensors(base))
     assert committed_steps(base) == [3, 6, 9, 10]  # the source run is untouched
+
+
+# ---------------------------------------------------------------------- the files themselves
+
+
+def test_checkpoint_files_are_plain_safetensors(base, tmp_path):
+    """state.safetensors is streamed by so8t's own writer: any safetensors reader must take it,
+    for every dtype a state can hold (the CLI run itself holds float32, 0-d and uint8 tensors)."""
+    from safetensors import safe_open
+
+    from so8t.checkpoint import CheckpointStore
+
+    with safe_open(str(base / "checkpoints" / "step_00000010" / TENSORS_FILE), "pt") as f:
+        keys = list(f.keys())
+        assert any(k.startswith("parts.weights.") for k in keys)
+        assert any(k.startswith("parts.optimizer.") for k in keys)
+        assert f.get_tensor("rng.torch_cpu").dtype == torch.uint8
+
+    tensors = {
+        "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
+        "f64": torch.randn(3, dtype=torch.float64), "i64": torch.arange(5), "i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(4, 6).t(),
+    }
+    store = CheckpointStore(tmp_path / "checkpoints")
+    path = store.save(1, tensors, {"x": 1})
+    assert store.verify(path) == []
+    loaded, state, _ = store.load(path)
+    assert state == {"x": 1} and sorted(loaded) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name

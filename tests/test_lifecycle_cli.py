@@ -13,8 +13,9 @@ What is proved here (the building blocks have their unit tests in test_run_*.py)
   and ``total_training_time`` does not count the gaps between them.
 * ``max_wall_seconds`` stops in time with a "deadline" checkpoint and exit 75.
 
-Each process costs ~4 s of start-up, so every test starts as few as it can; SIGTERM is
-covered by the three-attempt test with the same checks as the other two signals.
+Each process costs ~4 s of start-up, so every test starts as few as it can: SIGINT and
+SIGUSR1 stop two attempts of one run, and SIGTERM is the first of the three-attempt test, all
+with the same checks (``assert_signal_stop``).
 """
 
 from __future__ import annotations
@@ -204,32 +205,40 @@ def assert_complete(run: Path, max_steps: int) -> None:
 # ---------------------------------------------------------------------- signals
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
-def test_stop_signal_saves_the_last_step_and_the_rerun_loses_nothing(cli, sig):
-    first = cli("max_steps=400", *SLOW, label=sig.name)
-    wait_until(lambda: rows_written(cli.cwd) >= 3, first, "3 metrics rows")
-    rows_at_signal = rows_written(cli.cwd)
-    sent = time.monotonic()
-    first.signal(sig)
-    rc = first.wait()
-    latency = time.monotonic() - sent
-    run = run_dir_of(cli.cwd)
-    k = assert_signal_stop(run, first, rc, sig, rows_at_signal, 400)
-    assert latency < 30, latency  # one update + a small save + interpreter exit (~1.5 s here)
+def test_sigint_then_sigusr1_each_save_the_last_step_and_the_rerun_loses_nothing(cli):
+    """Two graceful stops in a row (one process each), then the same command finishes."""
+    max_steps = 400
+    stops: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        proc = cli(f"max_steps={max_steps}", *SLOW, label=sig.name)
+        already = rows_written(cli.cwd)
+        wait_until(lambda: rows_written(cli.cwd) >= already + 3, proc, "3 new metrics rows")
+        rows_at_signal = rows_written(cli.cwd)
+        sent = time.monotonic()
+        proc.signal(sig)
+        rc = proc.wait()
+        latency = time.monotonic() - sent
+        run = run_dir_of(cli.cwd)
+        k = assert_signal_stop(run, proc, rc, sig, rows_at_signal, max_steps)
+        assert latency < 30, latency  # one update + a small save + interpreter exit (~1.5 s here)
+        if stops:
+            assert_resumed(run, proc, stops[-1], "signal")
+        stops.append(k)
     before = (run / "metrics.jsonl").read_bytes()
 
     # The same command (a lower max_steps, still above the stop, keeps it short) finishes.
-    n = k + 3
-    second = cli(f"max_steps={n}", *SLOW, label="rerun")
-    assert second.wait() == 0, second.output[-3000:]
+    n = stops[-1] + 3
+    last = cli(f"max_steps={n}", *SLOW, label="rerun")
+    assert last.wait() == 0, last.output[-3000:]
     assert run_dir_of(cli.cwd) == run
-    assert_resumed(run, second, k, "signal")
+    assert_resumed(run, last, stops[-1], "signal")
     assert_complete(run, n)
     # Appended, and a signal stop redoes nothing: every step exactly once in the raw file.
     assert (run / "metrics.jsonl").read_bytes().startswith(before)
     assert metric_steps_raw(run) == list(range(1, n + 1))
     attempts = session(run)["attempts"]
-    assert [a["resumed_from_step"] for a in attempts] == [None, k]
+    assert [a["resumed_from_step"] for a in attempts] == [None, *stops]
+    assert [a["exit_code"] for a in attempts] == [130, 138, 0]
 
 
 def test_double_sigint_aborts_at_once_and_leaves_a_resumable_folder(cli):
@@ -241,45 +250,49 @@ def test_double_sigint_aborts_at_once_and_leaves_a_resumable_folder(cli):
     time.sleep(0.1)  # the handler has run (it resets SIGINT to the default action)
     first.signal(signal.SIGINT)
     rc = first.wait()
-    # Killed by the second SIGINT (-2), or - if both arrived before Python's handler ran
-    # once - the graceful stop (130). Never a hang, never another code.
+    # Killed by the second SIGINT (-2: mid-update, mid-save, or even in the interpreter's
+    # teardown after a finished graceful stop), or - if both arrived before Python's handler
+    # ran once - the graceful stop (130). Never a hang, never another code.
     assert rc in (-signal.SIGINT, 128 + signal.SIGINT), f"exit {rc}:\n{first.output[-3000:]}"
     run = run_dir_of(cli.cwd)
     store = CheckpointStore(run / "checkpoints")
     sound = [int(parse_step(p.name)) for p in store.list_checkpoints() if store.verify(p) == []]
     assert sound, "checkpoints every step: at least one must be committed"
-    newest = max(sound)
+    # Resume trusts LATEST when its target is sound (a kill between a folder's rename and the
+    # LATEST update leaves one newer folder), else the newest sound one.
+    newest = latest_step(run) if latest_step(run) in sound else max(sound)
     last_row = metric_steps_raw(run)[-1]
     assert newest <= last_row
 
     n = last_row + 3
     second = cli(f"max_steps={n}", *overrides, label="rerun")
     assert second.wait() == 0, second.output[-3000:]
-    # The newest sound checkpoint is picked; anything half-written was removed, not loaded.
+    # That checkpoint is picked; anything half-written was removed, not loaded.
     reason = manifest(run, newest)["reason"]
     assert reason in ("step", "signal")
     assert_resumed(run, second, newest, reason)
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
     assert_complete(run, n)
-    first_attempt = session(run)["attempts"][0]
-    if rc < 0:  # no code ran: the next attempt closed it
-        assert (first_attempt["status"], first_attempt["end_reason"], first_attempt["exit_code"]) == (
-            "interrupted", "killed", None)
-    else:
-        assert (first_attempt["status"], first_attempt["end_reason"]) == ("interrupted", "SIGINT")
+    # Killed before it closed its attempt (the next one records it as killed), or after (the
+    # graceful stop had finished and the second SIGINT ended the interpreter's teardown).
+    a = session(run)["attempts"][0]
+    assert (a["status"], a["end_reason"], a["exit_code"]) in (
+        ("interrupted", "killed", None), ("interrupted", "SIGINT", 128 + signal.SIGINT))
+    if rc > 0:
+        assert a["exit_code"] == rc
 
 
 # ---------------------------------------------------------------------- single writer
 
 
 def test_a_second_process_on_a_live_run_is_refused_naming_the_holder(cli):
-    first = cli("max_steps=30", label="holder")
+    first = cli("max_steps=10", label="holder")
     try:
         wait_until(lambda: rows_written(cli.cwd) >= 1, first, "the first metrics row")
         # Freeze the holder, so it is surely still running (and holding the lock) while the
         # rival starts - however slow this machine is. A stopped process is a live one.
         first.signal(signal.SIGSTOP)
-        rival = cli("max_steps=30", label="rival")
+        rival = cli("max_steps=10", label="rival")
         rc = rival.wait()
     finally:
         first.signal(signal.SIGCONT)
@@ -289,19 +302,19 @@ def test_a_second_process_on_a_live_run_is_refused_naming_the_holder(cli):
 
     assert first.wait() == 0, first.output[-3000:]
     run = run_dir_of(cli.cwd)
-    assert_complete(run, 30)
+    assert_complete(run, 10)
     # The refused process left no trace in the run's history.
     s = session(run)
     assert [a["pid"] for a in s["attempts"]] == [first.pid]
     assert sorted(p.name for p in (run / "attempts").iterdir()) == ["001"]
-    assert metric_steps_raw(run) == list(range(1, 31))
+    assert metric_steps_raw(run) == list(range(1, 11))
 
 
 # ---------------------------------------------------------------------- three attempts
 
 
 def test_session_and_attempts_tell_three_attempts_sigterm_kill9_finish(cli):
-    n = 40
+    n = 30
     command = (f"max_steps={n}", "checkpoint.every_steps=4")
     gap = 3.0
 
@@ -355,8 +368,8 @@ def test_session_and_attempts_tell_three_attempts_sigterm_kill9_finish(cli):
     assert len(raw) == n + len(redone)
     rows = read_metrics(run / "metrics.jsonl")
     lines = (run / "metrics.jsonl").read_bytes().split(b"\n")[:-1]
-    for s in redone:  # the row of the attempt that went on from step s is the one kept
-        assert rows[s - 1] == json.loads(lines[len(raw) - 1 - raw[::-1].index(s)])
+    for step in redone:  # the row of the attempt that went on from that step is the one kept
+        assert rows[step - 1] == json.loads(lines[len(raw) - 1 - raw[::-1].index(step)])
 
     s = session(run)
     attempts = s["attempts"]
@@ -389,17 +402,19 @@ def test_session_and_attempts_tell_three_attempts_sigterm_kill9_finish(cli):
 
 
 def test_max_wall_seconds_stops_in_time_with_a_deadline_checkpoint(cli):
-    limit = 8
+    limit = 12
     first = cli("max_steps=100000", f"max_wall_seconds={limit}", label="deadline")
     rc = first.wait()
     assert rc == EXIT_DEADLINE, f"exit {rc}:\n{first.output[-3000:]}"
-    # The clock starts once Hydra has composed the config (~1 s after the process starts);
-    # the stop leaves ~1 s for the save and interpreter exit. Margin for a loaded machine.
-    assert first.wall < limit + 4, first.wall
     run = run_dir_of(cli.cwd)
     k = metric_steps_raw(run)[-1]
     assert k > 0 and latest_step(run) == k
     assert manifest(run, k)["reason"] == "deadline"
+    # The clock counts from the process start; the checkpoint is committed before the limit,
+    # and the stop leaves ~1 s plus 1.5 x (slowest update + save) for the interpreter's exit
+    # (~1 s, more on a loaded machine: hence the margin).
+    assert manifest(run, k)["created_unix"] - first.started_wall < limit
+    assert first.wall < limit + 3, first.wall
     s = session(run)
     assert s["status"] == "interrupted" and s["global_step"] == k
     assert s["last_checkpoint"]["step"] == k and s["last_checkpoint"]["reason"] == "deadline"

@@ -112,6 +112,8 @@ class CheckpointService:
         self.last_reason: str | None = None
         self._resumed_size = 0
         self._closed = False
+        # The tensors of the previous snapshot, overwritten by the next one (see _snapshot).
+        self._snapshot_buffers: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ saving
 
@@ -195,13 +197,20 @@ class CheckpointService:
             return None
 
     def _snapshot(self) -> tuple[dict[str, Any], Any]:
-        """Deep CPU copy of every part, the RNGs and the extra state, taken at the boundary."""
+        """Deep CPU copy of every part, the RNGs and the extra state, taken at the boundary.
+
+        The copy goes into the previous snapshot's tensors: only ``_save`` calls this, after
+        waiting for the write in flight, so nothing reads them any more. The price is that
+        one snapshot (the trainable state's size) stays in memory between saves.
+        """
         state = {
             "parts": {name: part.state_dict() for name, part in self.parts.items()},
             "rng": capture_rng(),
             "extra": self.extra_state() if self.extra_state is not None else None,
         }
-        return flatten_state(state)
+        tensors, skeleton = flatten_state(state, reuse=self._snapshot_buffers)
+        self._snapshot_buffers = tensors
+        return tensors, skeleton
 
     def _write(self, step: int, tensors: dict, skeleton: Any, meta: dict, reason: str) -> Path:
         """Commit (may run in the writer thread), then apply retention."""

@@ -107,9 +107,21 @@ def _as_byte_tensor(value: Any) -> torch.Tensor:
 # --------------------------------------------------------------------------- flatten
 
 
-def snapshot_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy that training can no longer mutate in place."""
+def snapshot_tensor(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A contiguous CPU copy that training can no longer mutate in place.
+
+    ``out``: a CPU tensor nobody reads any more (an earlier snapshot's); if its dtype and
+    shape match it is overwritten and returned instead of allocating a new copy.
+    """
     tensor = tensor.detach()
+    if (
+        out is not None
+        and out.device.type == "cpu"
+        and out.dtype == tensor.dtype
+        and out.shape == tensor.shape
+        and out.is_contiguous()
+    ):
+        return out.copy_(tensor)
     if tensor.device.type == "cpu":
         return tensor.clone(memory_format=torch.contiguous_format)
     return tensor.to("cpu").contiguous()
@@ -119,13 +131,22 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+def flatten_state(
+    obj: Any, prefix: str = "", reuse: Mapping[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], Any]:
     """Split ``obj`` into ``({name: CPU tensor copy}, JSON-able skeleton)``.
 
     Every tensor is copied (see :func:`snapshot_tensor`) and every container rebuilt, so the
     result is a deep snapshot: the caller may keep training and mutate ``obj``.
     Names follow the path (``parts.optimizer.state.0.exp_avg``) to make files readable.
+
+    ``reuse``: the tensors of an earlier snapshot that nobody reads any more; each copy goes
+    into the tensor of the same name when dtype and shape match. Copying into memory already
+    in use is several times cheaper than a fresh allocation, whose pages the kernel must
+    fault in and zero first (300 MB of LoRA + Adam state, one thread: ~45 ms against
+    45–250 ms, depending on whether the allocator hands back pages it still holds).
     """
+    reuse = reuse or {}
     tensors: dict[str, torch.Tensor] = {}
 
     def name_for(path: list[str]) -> str:
@@ -141,7 +162,7 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], 
             if value.is_sparse or value.layout != torch.strided:
                 raise TypeError(f"cannot checkpoint non-strided tensor at {'.'.join(path)!r}")
             name = name_for(path)
-            tensors[name] = snapshot_tensor(value)
+            tensors[name] = snapshot_tensor(value, reuse.get(name))
             return {_TENSOR: name}
         if isinstance(value, np.ndarray):
             name = name_for(path)

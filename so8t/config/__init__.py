@@ -5,14 +5,14 @@ Importing this module is cheap (no torch): config errors must be reported in sec
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from so8t.config import schema
-from so8t.config.identity import name_from_overrides
+from so8t.config.identity import name_from_overrides, safe_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -30,18 +30,44 @@ def _auto_run_name() -> str:
     return name_from_overrides(HydraConfig.get().overrides.task)
 
 
-def _auto_sweep_name() -> str:
-    """Default sweep folder name: the sweep's own overrides as typed on the command line.
+# Where the sweep folder's name is pinned once computed: a key in the master config's resolver
+# cache, which Hydra copies into every job's config (``load_sweep_config`` → ``copy_cache``) and
+# which travels with the config when a launcher pickles it to another process or host.
+_SWEEP_NAME_PIN = "so8t_sweep_name:pinned"
 
-    Each job only sees its own values in ``hydra.overrides.task``; the comma lists that define
-    the sweep are only on the command line, so they are read from there.
+
+def sweep_name_of(cfg: Any) -> str:
+    """Name of a sweep folder: ``sweep_name`` when set, else the sweep's own overrides as typed
+    (``seed=1,2 ppo.clip_range=0.1,0.2`` → ``ppo.clip_range=0.1,0.2,seed=1,2``) by the same rule
+    as a run's default ``run_name``: result-neutral keys left out, order-independent,
+    file-system-safe, hashed when long."""
+    explicit = cfg.get("sweep_name") if hasattr(cfg, "get") else None
+    if explicit not in (None, ""):
+        return safe_name(str(explicit))
+    overrides = list(OmegaConf.select(cfg, "hydra.overrides.task", default=None) or [])
+    # A sweep defined in a config file (hydra.sweeper.params, e.g. in an experiment preset).
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    if OmegaConf.is_dict(params):
+        overrides += [f"{key}={value}" for key, value in params.items_ex(resolve=False)]
+    return name_from_overrides(overrides)
+
+
+def _auto_sweep_name(*, _root_: Any) -> str:
+    """``${so8t_sweep_name:}``: the sweep folder's name, the same for every job of a sweep.
+
+    Hydra resolves ``hydra.sweep.dir`` first on the sweep's master config, whose
+    ``hydra.overrides.task`` holds the sweep's overrides as typed (``seed=1,2``); each job's
+    config only holds that job's values (``seed=1``). So the name is computed on the master
+    config and pinned in its resolver cache, which Hydra copies into each job's config, in this
+    process (basic launcher) or another one (joblib workers, submitit jobs on a cluster).
     """
-    args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    for arg in args:
-        key, value = arg.split("=", 1)
-        if key.lstrip("+") == "sweep_name":
-            return name_from_overrides([f"x={value}"]).split("=", 1)[1]
-    return name_from_overrides(args, default="sweep")
+    cache = OmegaConf.get_cache(_root_)
+    pinned = cache.get(_SWEEP_NAME_PIN)
+    if pinned:
+        return pinned[()]
+    name = sweep_name_of(_root_)
+    cache[_SWEEP_NAME_PIN] = {(): name}
+    return name
 
 
 def register() -> None:

@@ -166,6 +166,7 @@ class TrainConfig:
     max_steps: int = 60
     experiment_name: str = "default"
     run_name: str = MISSING
+    sweep_name: Optional[str] = None
     resume: str = "auto"
     max_wall_seconds: Optional[float] = None
     model: ModelConfig = MISSING

@@ -25,15 +25,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from so8t.errors import ModelNotAvailableError
 from so8t.model.tiny import PAD, TINY_DIR
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("tiny", "hub", "local")
-
-
-class ModelNotAvailableError(RuntimeError):
-    """The configured model cannot be loaded here; the message says what to set."""
 
 
 def load_base_model(

@@ -99,12 +99,17 @@ class PolicyWithValue(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        output_slice: slice | None = None,
     ) -> PolicyOutput:
         """One trunk pass → logits and values.
 
         ``attention_mask`` covers the cached tokens plus the new ones. Without
         ``position_ids`` they are derived from the mask (left padding), for the new tokens
         only, so incremental decoding with a cache needs no extra bookkeeping.
+
+        ``output_slice`` selects the positions (of the new tokens) that get logits and
+        values; None means all. PPO needs them only at response positions, and ``lm_head``
+        over a large vocabulary at every query position is the costliest matmul of a pass.
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
@@ -116,6 +121,8 @@ class PolicyWithValue(nn.Module):
             **{self._cache_kwarg: past_key_values},
         )
         hidden = out.last_hidden_state  # after the final norm
+        if output_slice is not None:
+            hidden = hidden[:, output_slice]
         logits = _lm_head_of(self.base)(hidden)
         values = self.value_head(hidden.float()).squeeze(-1)
         cache = getattr(out, self._cache_kwarg, None) if use_cache else None
@@ -134,6 +141,17 @@ class PolicyWithValue(nn.Module):
             yield
             return
         with self.adapter.disabled():
+            yield
+
+    @contextlib.contextmanager
+    def frozen_adapters(self) -> Iterator[None]:
+        """No-grad forwards with fixed weights inside: adapters may precompute their
+        operators once (the SO(8) rotations) instead of once per forward."""
+        frozen = getattr(self.adapter, "frozen", None)
+        if frozen is None:
+            yield
+            return
+        with frozen(next(self.base.parameters()).dtype):
             yield
 
     def set_gate(self, value: float) -> None:

@@ -55,6 +55,9 @@ class So8Rotation(nn.Module):
         # Non-persistent buffer: moves with .to(device) but is not part of the state dict.
         rows, cols = torch.triu_indices(BLOCK, BLOCK, offset=1)
         self.register_buffer("_triu_flat", rows * BLOCK + cols, persistent=False)
+        # ``R - I`` computed once for a stretch of no-grad forwards with fixed weights (see
+        # So8Adapters.frozen); None outside it.
+        self._frozen_delta: torch.Tensor | None = None
 
     def generator(self) -> torch.Tensor:
         """The skew-symmetric matrices ``A``, shape (num_blocks, 8, 8), fp32."""
@@ -66,6 +69,11 @@ class So8Rotation(nn.Module):
         """The rotations ``R = exp(A)``, shape (num_blocks, 8, 8), fp32, each in SO(8)."""
         return torch.linalg.matrix_exp(self.generator())
 
+    def delta_operator(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``R - I`` per block, shape (num_blocks, 8, 8), in ``dtype``."""
+        eye = torch.eye(BLOCK, dtype=torch.float32, device=self.skew.device)
+        return (self.rotation() - eye).to(dtype)
+
     def forward(self, h: torch.Tensor, gate: float = 1.0) -> torch.Tensor:
         """Return ``h + gate * (R h - h)`` applied blockwise on the last dimension."""
         if h.shape[-1] != self.hidden_size:
@@ -73,8 +81,9 @@ class So8Rotation(nn.Module):
         # (R - I) h rather than R h - h: with A = 0, R - I is exactly zero (matrix_exp(0) is
         # exactly I), so the update is exactly zero even where matmuls are inexact (TF32 on
         # GPU would round h @ I). It also avoids cancellation when R is close to I.
-        eye = torch.eye(BLOCK, dtype=torch.float32, device=self.skew.device)
-        delta_op = (self.rotation() - eye).to(h.dtype)
+        delta_op = self._frozen_delta
+        if delta_op is None or torch.is_grad_enabled() or delta_op.dtype != h.dtype:
+            delta_op = self.delta_operator(h.dtype)
         blocks = h.unflatten(-1, (self.num_blocks, BLOCK))
         delta = torch.einsum("...bj,bij->...bi", blocks, delta_op).flatten(-2)
         return h + gate * delta
@@ -195,6 +204,25 @@ class So8Adapters(nn.Module):
             yield
         finally:
             self.enabled = previous
+
+    @contextlib.contextmanager
+    def frozen(self, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+        """Compute every ``R - I`` once for the no-grad forwards inside the block.
+
+        For the sampling loop, which runs one forward per generated token with weights that
+        do not change: without it each forward recomputes ``matrix_exp`` in every adapted
+        layer. The cached operator is the very tensor a forward would compute, so results
+        are bit-identical. Forwards with gradients enabled ignore the cache; the weights
+        must not change inside the block.
+        """
+        with torch.no_grad():
+            for rotation in self.rotations.values():
+                rotation._frozen_delta = rotation.delta_operator(dtype)
+        try:
+            yield
+        finally:
+            for rotation in self.rotations.values():
+                rotation._frozen_delta = None
 
     def set_gate(self, value: float) -> None:
         self.gate = float(value)

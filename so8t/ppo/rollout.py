@@ -44,7 +44,8 @@ def sample_responses(
     batch = query_ids.shape[0]
     device = query_ids.device
     positions = positions_from_mask(query_mask)
-    out = policy(query_ids, query_mask, position_ids=positions, use_cache=True)
+    # Logits and values only at the last query position: the first response token's.
+    out = policy(query_ids, query_mask, position_ids=positions, use_cache=True, output_slice=slice(-1, None))
     mask = query_mask.long()
     next_position = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -85,10 +86,11 @@ def response_logits(policy, rollout: Rollout, rows: torch.Tensor | slice = slice
     query_ids, response_ids = rollout.query_ids[rows], rollout.response_ids[rows]
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([rollout.query_mask[rows], rollout.response_mask[rows]], dim=1)
-    out = policy(ids, mask, position_ids=positions_from_mask(mask))
     start = query_ids.shape[1] - 1
     stop = start + response_ids.shape[1]
-    return out.logits[:, start:stop].float(), out.values[:, start:stop].float(), response_ids
+    # lm_head and the value head only where a response token is predicted.
+    out = policy(ids, mask, position_ids=positions_from_mask(mask), output_slice=slice(start, stop))
+    return out.logits.float(), out.values.float(), response_ids
 
 
 def scaled_log_softmax(logits: torch.Tensor, temperature: float, pad_id: int | None) -> torch.Tensor:

@@ -25,6 +25,20 @@ from so8t.ppo.rollout import Rollout, response_logits, sample_responses, token_l
 log = logging.getLogger(__name__)
 
 
+def _plain(cfg):
+    """A structured OmegaConf node as its dataclass: an attribute read on a node costs ~10 µs
+    and the loop makes dozens per update. Anything else is used as given."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        return cfg
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_object(cfg)
+        if not isinstance(plain, dict):
+            return plain
+    return cfg
+
+
 class Counters:
     """Progress counters that are part of the checkpointed state."""
 
@@ -89,7 +103,7 @@ class PPOTrainer:
         self.prompts = prompts
         self.sampler = sampler
         self.reward_fn = reward_fn
-        self.cfg = ppo_cfg
+        self.cfg = _plain(ppo_cfg)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.kl_controller = kl_controller
@@ -142,9 +156,10 @@ class PPOTrainer:
         self.policy.eval()
         batch = [self.prompts[i] for i in self.sampler.next_batch()]
         query_ids, query_mask = self._encode_queries([p.text for p in batch])
-        rollout = sample_responses(
-            self.policy, query_ids, query_mask, cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id
-        )
+        with self.policy.frozen_adapters():
+            rollout = sample_responses(
+                self.policy, query_ids, query_mask, cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id
+            )
         with self.policy.reference():
             ref_logits, _, tokens = response_logits(self.policy, rollout)
             ref_logprobs = token_logprobs(ref_logits, tokens, cfg.temperature, self.pad_id)[0] * rollout.response_mask
@@ -178,8 +193,9 @@ class PPOTrainer:
             "response/length": float(mask.sum(1).mean()),
             "response/eos_rate": float(rollout.ended_with_eos.float().mean()),
         }
-        for name, values in reward.per_term.items():
-            stats[f"reward/{name}"] = sum(values) / max(1, len(values))
+        for name, mean in reward.means().items():
+            if mean is not None:  # a term that scored nothing (None everywhere) is not logged
+                stats[f"reward/{name}"] = mean
         return ScoredRollout(rollout, ref_logprobs, scores, advantages, returns, kl, stats)
 
     # ------------------------------------------------------------------ PPO
@@ -201,11 +217,15 @@ class PPOTrainer:
             cfg.clip_range_value,
             token_weight,
         )
-        probs = logp_all.exp()
-        # The masked pad has p = 0 and log p = -inf; 0 * -inf would be NaN.
-        entropy_tokens = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)
-        entropy_sum = (entropy_tokens * mask).sum()
-        loss = parts.policy_loss + cfg.vf_coef * parts.value_loss - cfg.ent_coef * entropy_sum * token_weight
+        # Without an entropy bonus the entropy is only logged: keep it out of the graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.ent_coef != 0):
+            probs = logp_all.exp()
+            # The masked pad has p = 0 and log p = -inf; 0 * -inf would be NaN.
+            entropy_tokens = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)
+            entropy_sum = (entropy_tokens * mask).sum()
+        loss = parts.policy_loss + cfg.vf_coef * parts.value_loss
+        if cfg.ent_coef != 0:
+            loss = loss - cfg.ent_coef * entropy_sum * token_weight
         return loss, parts, entropy_sum.detach(), mask.sum()
 
     def ppo_epoch(self, scored: ScoredRollout, stats: dict[str, list[float]]) -> None:

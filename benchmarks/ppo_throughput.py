@@ -1,0 +1,308 @@
+"""PPO throughput and memory: SO8T against TRL 0.29.1's PPOTrainer, side by side (issue 6).
+
+    python benchmarks/ppo_throughput.py                    # both configurations, 3 rounds
+    python benchmarks/ppo_throughput.py --configs small --rounds 5 --updates 30
+
+What it does:
+
+* Creates once, outside the repository, a virtual environment for the peer
+  (``~/.cache/so8t-bench/trl-0.29.1``, or ``--peer-venv``) with the torch, transformers and
+  peft versions of this environment plus ``trl==0.29.1``, and runs TRL there
+  (``benchmarks/_trl_peer.py``); SO8T runs in this environment (``benchmarks/_so8t_side.py``).
+* Builds, per configuration, one Phi-3-architecture model from a config (random weights,
+  no download) and the tiny SO8T tokenizer into a temporary folder that both sides load,
+  and one prompt file: 256 prompts ``ab+cd=`` with two-digit operands, all 6 tokens long,
+  so no side pads its queries.
+* Identical work: same model, tokenizer, prompts, rollout batch, response length, 4 PPO
+  epochs over ONE mini-batch (TRL 0.29 takes fewer optimizer steps than asked when
+  ``num_mini_batches > 1``; both sides' optimizer steps are counted with a step hook and
+  printed), fp32 on CPU, the same thread count, the same cheap function reward, EOS
+  stopping on both sides. The model is built so that it never samples ``<eos>`` or
+  ``<pad>`` (see ``build_model_dir``): every response is exactly ``response`` tokens on
+  both sides, which the table shows as the measured mean response length.
+* Sides: ``so8t-so8`` (SO8T's default SO(8) adapters), ``so8t-lora`` (SO8T with LoRA of
+  TRL's rank and targets), ``trl`` (TRL as shipped: LoRA via ``peft_config``, its separate
+  value model) and ``trl-nogc`` (the same with its two per-update ``gc.collect()`` calls
+  made no-ops). Each round runs every side once, in alternating order, each in a fresh
+  process: ``--warmup`` untimed updates, then ``--updates`` timed updates.
+* Prints and writes to ``benchmarks/RESULTS.md`` (section "## PPO throughput") the median
+  over rounds of episodes/s and response tokens/s per side, SO8T / TRL ratios, and each
+  side's peak RSS minus its RSS after imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import _bench_common as common  # noqa: E402
+
+TRL_VERSION = "0.29.1"
+DEFAULT_PEER_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "so8t-bench" / f"trl-{TRL_VERSION}"
+SIDES = ("so8t-so8", "so8t-lora", "trl", "trl-nogc")
+SECTION = "## PPO throughput"
+NUM_PROMPTS = 256
+
+
+# --------------------------------------------------------------------------- environments
+
+def _versions_here() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def ensure_peer_venv(venv: Path) -> Path:
+    """Create the peer venv once (torch first, so pip never pulls another torch build)."""
+    python = venv / "bin" / "python"
+    marker = venv / ".so8t-bench-ready"
+    versions = _versions_here()
+    wanted = json.dumps({**versions, "trl": TRL_VERSION}, sort_keys=True)
+    if marker.is_file() and marker.read_text() == wanted and python.is_file():
+        return python
+    print(f"creating the peer environment in {venv} (once) ...", flush=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run(pip + [f"torch=={versions['torch']}"], check=True)
+    subprocess.run(pip + [f"trl=={TRL_VERSION}", f"transformers=={versions['transformers']}",
+                          f"peft=={versions['peft']}", f"torch=={versions['torch']}"], check=True)
+    marker.write_text(wanted)
+    return python
+
+
+# --------------------------------------------------------------------------------- inputs
+
+def build_model_dir(name: str, folder: Path, seed: int = 0) -> None:
+    """A random Phi-3 of the configuration's size + the tiny tokenizer, saved for both sides.
+
+    With random weights every token, ``<eos>`` and ``<pad>`` included, has a few percent
+    chance per step, so response lengths (and the work) would differ at random between
+    the sides. Two weight edits make both unreachable while keeping every shape and FLOP:
+    channel 0 of every token embedding is a constant 1, which the residual stream carries
+    to the final norm as a large positive channel; the ``lm_head`` rows of ``<eos>`` and
+    ``<pad>`` get -5 in that channel, which puts their logits tens of nats below the rest.
+    """
+    import torch
+    from transformers import Phi3ForCausalLM
+
+    from so8t.model.tiny import build_tiny_config, build_tiny_tokenizer
+
+    spec = common.CONFIGS[name]
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_config(
+        hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"],
+        intermediate_size=spec["intermediate_size"], max_position_embeddings=128, tokenizer=tokenizer,
+    )
+    tokenizer.model_max_length = 128
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 1.0
+        for token_id in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+            model.lm_head.weight[token_id, 0] = -5.0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_prompts(path: Path, seed: int = 1234) -> None:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(NUM_PROMPTS):
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            fh.write(json.dumps({"prompt": f"{a}+{b}="}) + "\n")
+
+
+# ----------------------------------------------------------------------------------- runs
+
+def run_side(side: str, python: str, model_dir: Path, prompts: Path, config: str, args, workdir: Path) -> dict:
+    common_args = ["--model-dir", str(model_dir), "--prompts", str(prompts), "--config", config,
+                   "--warmup", str(args.warmup), "--updates", str(args.updates), "--threads", str(args.threads)]
+    if side.startswith("so8t"):
+        cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", side.split("-")[1]]
+    else:
+        cmd = [python, str(HERE / "_trl_peer.py"), *common_args, "--output-dir", str(workdir / "trl-out")]
+        if side == "trl-nogc":
+            cmd.append("--no-gc")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", PYTHONHASHSEED="0", TRL_EXPERIMENTAL_SILENCE="1")
+    if not side.startswith("so8t"):
+        env.pop("PYTHONPATH", None)  # nothing of this environment may leak into the peer's
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(workdir))
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    raise RuntimeError(f"{side} ({config}) failed with exit code {proc.returncode}:\n"
+                       f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for side, rounds in results.items():
+        out[side] = dict(
+            episodes_per_s=median([r["episodes_per_s"] for r in rounds]),
+            tokens_per_s=median([r["tokens_per_s"] for r in rounds]),
+            response_tokens=median([r["mean_response_tokens"] for r in rounds]),
+            optimizer_steps_per_update=median([r["optimizer_steps_per_update"] for r in rounds]),
+            rss_added_mb=median([r["rss_added_mb"] for r in rounds]),
+            rss_import_mb=median([r["rss_import_mb"] for r in rounds]),
+            trainable_parameters=rounds[0]["trainable_parameters"],
+            per_round_eps=[round(r["episodes_per_s"], 2) for r in rounds],
+        )
+    return out
+
+
+def table(config: str, summary: dict[str, dict]) -> list[str]:
+    spec = common.CONFIGS[config]
+    head = (f"**{config}**: hidden {spec['hidden_size']}, {spec['num_layers']} layers, rollout batch {spec['batch']}, "
+            f"response {spec['response']} tokens, {spec['ppo_epochs']} PPO epochs x {spec['mini_batches']} mini-batch")
+    lines = [head, "",
+             "| side | episodes/s | tokens/s | response tokens | optimizer steps / update | trainable params "
+             "| peak RSS - imports (MiB) | episodes/s per round |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for side in SIDES:
+        if side not in summary:
+            continue
+        s = summary[side]
+        lines.append(f"| {side} | {s['episodes_per_s']:.2f} | {s['tokens_per_s']:.0f} | {s['response_tokens']:.1f} | "
+                     f"{s['optimizer_steps_per_update']:g} | {s['trainable_parameters']:,} | {s['rss_added_mb']:.0f} | "
+                     f"{', '.join(str(x) for x in s['per_round_eps'])} |")
+    lines.append("")
+    ratios = []
+    for ours in ("so8t-so8", "so8t-lora"):
+        for peer in ("trl", "trl-nogc"):
+            if ours in summary and peer in summary:
+                e = summary[ours]["episodes_per_s"] / summary[peer]["episodes_per_s"]
+                t = summary[ours]["tokens_per_s"] / summary[peer]["tokens_per_s"]
+                m = summary[ours]["rss_added_mb"] / summary[peer]["rss_added_mb"]
+                ratios.append(f"| {ours} / {peer} | {e:.2f}x | {t:.2f}x | {m:.2f}x |")
+    if ratios:
+        lines += ["| ratio | episodes/s | tokens/s | peak RSS - imports |", "|---|---:|---:|---:|", *ratios, ""]
+    return lines
+
+
+def write_results(path: Path, section: list[str]) -> None:
+    """Replace (or append) this benchmark's section, keeping every other section."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    if start is None:
+        new = lines + ([""] if lines and lines[-1].strip() else []) + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = lines[:start] + section + ([""] + lines[end:] if end < len(lines) else [])
+    path.write_text("\n".join(new).rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="small,medium", help="comma-separated: " + ",".join(common.CONFIGS))
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of A/B (every side once per round)")
+    parser.add_argument("--updates", type=int, default=20, help="timed PPO updates per side per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed PPO updates before timing (start-up)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    parser.add_argument("--peer-venv", type=Path, default=DEFAULT_PEER_VENV)
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"),
+                        help="markdown file whose '## PPO throughput' section is replaced ('' to skip)")
+    parser.add_argument("--json", type=Path, default=None, help="also dump every round's raw result here")
+    args = parser.parse_args()
+
+    configs = [c for c in args.configs.split(",") if c]
+    sides = [s for s in args.sides.split(",") if s]
+    unknown = [c for c in configs if c not in common.CONFIGS] + [s for s in sides if s not in SIDES]
+    if unknown:
+        parser.error(f"unknown configuration or side: {unknown}")
+    peer_python = str(ensure_peer_venv(args.peer_venv)) if any(s.startswith("trl") for s in sides) else None
+
+    started = time.time()
+    loads = [load_average()]
+    raw: dict[str, dict[str, list[dict]]] = {}
+    sections = []
+    with tempfile.TemporaryDirectory(prefix="so8t-ppo-bench-") as tmp:
+        tmp = Path(tmp)
+        prompts = tmp / "prompts.jsonl"
+        write_prompts(prompts)
+        for config in configs:
+            model_dir = tmp / f"model-{config}"
+            build_model_dir(config, model_dir)
+            raw[config] = {side: [] for side in sides}
+            for rnd in range(args.rounds):
+                order = sides if rnd % 2 == 0 else list(reversed(sides))
+                for side in order:
+                    python = sys.executable if side.startswith("so8t") else peer_python
+                    result = run_side(side, python, model_dir, prompts, config, args, tmp)
+                    raw[config][side].append(result)
+                    loads.append(load_average())
+                    print(f"[{config} round {rnd + 1}/{args.rounds}] {side:10s} "
+                          f"{result['episodes_per_s']:7.2f} episodes/s  {result['tokens_per_s']:8.0f} tokens/s  "
+                          f"response {result['mean_response_tokens']:.1f}  "
+                          f"steps/update {result['optimizer_steps_per_update']:g}  "
+                          f"+RSS {result['rss_added_mb']:.0f} MiB  (load {loads[-1][0]:.2f})", flush=True)
+            sections.append((config, summarise(raw[config])))
+
+    versions = _versions_here()
+    peer_versions = next((r["versions"] for c in raw.values() for s, rs in c.items() if s.startswith("trl")
+                          for r in rs), None)
+    load_1m = [l[0] for l in loads]
+    out = [SECTION, "",
+           f"`python benchmarks/ppo_throughput.py --configs {','.join(configs)} --rounds {args.rounds} "
+           f"--updates {args.updates} --warmup {args.warmup} --threads {args.threads}` "
+           f"({time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, {time.time() - started:.0f} s).",
+           "",
+           f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+           f"Python {platform.python_version()}; {args.threads} torch threads on both sides; fp32 CPU; "
+           f"1-minute load average during the run {min(load_1m):.2f}-{max(load_1m):.2f} "
+           f"(median {median(load_1m):.2f}).",
+           f"SO8T side: torch {versions['torch']}, transformers {versions['transformers']}, peft {versions['peft']}."
+           + (f" Peer: TRL {peer_versions['trl']} (`trl.experimental.ppo.PPOTrainer`), torch {peer_versions['torch']}, "
+              f"transformers {peer_versions['transformers']}, peft {peer_versions['peft']}." if peer_versions else ""),
+           "",
+           f"Medians over {args.rounds} rounds; each round runs every side once (alternating order) in a fresh process, "
+           f"{args.warmup} warm-up updates then {args.updates} timed updates. Identical work: same random Phi-3 model "
+           "folder and tokenizer, 6-token prompts, LoRA r=8 (alpha 16, qkv/o/gate_up/down/lm_head) for TRL and "
+           "so8t-lora, SO(8) rotations after every layer for so8t-so8, EOS stopping on both sides (the model never "
+           "samples EOS or pad, so every response has the full length), one mini-batch per epoch "
+           "(optimizer steps / update are counted on both sides), the same function reward. "
+           "Peak RSS - imports = ru_maxrss at the end minus VmRSS after the side's imports. "
+           "`trl-nogc` is TRL with its two per-update `gc.collect()` calls made no-ops.",
+           ""]
+    for config, summary in sections:
+        out += table(config, summary)
+    text = "\n".join(out)
+    print()
+    print(text)
+    if args.results:
+        write_results(Path(args.results), out)
+        print(f"\nwrote the '{SECTION}' section of {args.results}")
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=1))
+
+
+if __name__ == "__main__":
+    main()
