@@ -72,7 +72,9 @@ class Deadline:
         self.slowest_save = max(self.slowest_save, seconds)
 
     def next_step_would_overrun(self) -> bool:
-        if self.limit is None:
+        # Without a measured update there is nothing to go on, and an attempt that stopped
+        # before its first update would be requeued forever: every attempt makes one.
+        if self.limit is None or self.slowest_step == 0.0:
             return False
         elapsed = time.monotonic() - self.started
         # The measured worst step and save, with a margin for jitter.
@@ -209,6 +211,14 @@ def _save(checkpoints, session, trainer, reason: str, deadline: Deadline) -> Non
     log.info("checkpoint at step %d (%s): %s", trainer.counters.step, reason, path)
 
 
+def _record_progress(session, trainer, checkpoints) -> None:
+    """Progress into session.json; a checkpoint only once committed (a background write
+    that is still running, or that failed, is not named there)."""
+    saved = checkpoints.last_saved
+    last = None if saved is None else {"step": saved.step, "path": str(saved.path), "reason": saved.reason}
+    session.update(trainer.counters.step, trainer.counters.training_time, last_checkpoint=last)
+
+
 def _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline: Deadline) -> tuple[str, str, int]:
     """PPO updates until max_steps, a stop signal or the deadline; returns (status, reason, code)."""
     show = cfg.logger.progress_bars
@@ -240,13 +250,9 @@ def _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline: Deadline)
                 if stop.requested:
                     break
                 began = time.monotonic()
-                path = checkpoints.maybe_save(trainer.counters.step)
-                if path is not None:
+                if checkpoints.maybe_save(trainer.counters.step) is not None:
                     deadline.observe_save(time.monotonic() - began)
-                    session.update(trainer.counters.step, trainer.counters.training_time, last_checkpoint={
-                        "step": trainer.counters.step, "path": str(path), "reason": checkpoints.last_reason})
-                else:
-                    session.update(trainer.counters.step, trainer.counters.training_time)
+                _record_progress(session, trainer, checkpoints)
         finally:
             epochs.close()
             steps.close()

@@ -108,8 +108,6 @@ class CheckpointService:
         self.retention = Retention(cfg.keep_last, cfg.keep_every_steps)
         self.writer = AsyncCheckpointWriter() if cfg.async_write else None
         self.last_saved: SavedCheckpoint | None = None
-        # Why the most recent save was started (an async one is not in last_saved yet).
-        self.last_reason: str | None = None
         self._resumed_size = 0
         self._closed = False
         # The tensors of the previous snapshot, overwritten by the next one (see _snapshot).
@@ -160,7 +158,6 @@ class CheckpointService:
         # then includes the previous checkpoint.
         self.wait()
         self.policy.mark_saved(step)
-        self.last_reason = reason
 
         tensors, skeleton = self._snapshot()
         needed = int(SPACE_MARGIN * max(self._previous_size(), tensor_bytes(tensors)))
