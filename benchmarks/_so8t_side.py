@@ -33,9 +33,9 @@ def main() -> None:
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--config", required=True, choices=sorted(common.CONFIGS))
     parser.add_argument("--adapter", choices=["so8", "lora"], default="so8")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cfg = common.CONFIGS[args.config]

@@ -184,7 +184,10 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
         status, reason, code = _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline)
         if status == "completed":
             if cfg.checkpoint.save_on_end:
-                _save(checkpoints, session, trainer, "end", deadline)
+                if _already_saved(checkpoints, trainer.counters.step):
+                    _record_progress(session, trainer, checkpoints)
+                else:
+                    _save(checkpoints, session, trainer, "end", deadline)
             _export_final(cfg, components, run_dir)
             log.info("done: %d updates, %.1f s of training", trainer.counters.step,
                      trainer.counters.training_time)
@@ -209,6 +212,13 @@ def _save(checkpoints, session, trainer, reason: str, deadline: Deadline) -> Non
     session.update(trainer.counters.step, trainer.counters.training_time,
                    last_checkpoint={"step": trainer.counters.step, "path": str(path), "reason": reason})
     log.info("checkpoint at step %d (%s): %s", trainer.counters.step, reason, path)
+
+
+def _already_saved(checkpoints, step: int) -> bool:
+    """True when the cadence already committed a checkpoint of this very step."""
+    checkpoints.wait()
+    saved = checkpoints.last_saved
+    return saved is not None and saved.step == step
 
 
 def _record_progress(session, trainer, checkpoints) -> None:

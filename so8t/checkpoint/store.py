@@ -423,7 +423,9 @@ def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str,
 
 
 def _safetensors_buffers(tensors: Mapping[str, torch.Tensor]) -> bytes | _Buffers:
-    names = sorted(tensors)
+    # Widest elements first, as safetensors orders them: every tensor then starts at a
+    # multiple of its element size (the header is padded to 8), so readers can map it in place.
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     if sys.byteorder != "little" or any(
         tensors[n].dtype not in _SAFETENSORS_DTYPES or tensors[n].device.type != "cpu" for n in names
     ):
