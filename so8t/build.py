@@ -79,7 +79,10 @@ def build_components(cfg) -> Components:
     policy, tokenizer = build_policy_and_tokenizer(cfg.model, cfg.adapter, device, dtype)
     if cfg.hardware.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    prompts = build_prompts(cfg.data, tokenizer)
+    try:
+        prompts = build_prompts(cfg.data, tokenizer)
+    except (OSError, ValueError) as exc:  # the messages name the data key, file and line
+        raise SetupError(str(exc)) from exc
     sampler = PromptSampler(len(prompts), cfg.ppo.rollout_batch_size, seed=cfg.seed)
     opt = cfg.ppo.optimizer
     optimizer = torch.optim.AdamW(

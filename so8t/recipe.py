@@ -125,6 +125,14 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     except (CheckpointError, ModelNotAvailableError, SetupError) as exc:
         log.error("%s", exc)
         return EXIT_REFUSED
+    except Exception:
+        # The traceback goes to train.log; the attempt (opened here if setup failed before
+        # training began) is closed as failed.
+        log.exception("the run failed")
+        if session.attempt_index is None:
+            session.start_attempt(cfg.max_steps, None, None)
+            session.end_attempt("failed", "exception", EXIT_FAILED)
+        return EXIT_FAILED
     finally:
         stop.restore()
         lock.release()
@@ -192,9 +200,6 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
             log.info("done: %d updates, %.1f s of training", trainer.counters.step,
                      trainer.counters.training_time)
         return code
-    except Exception:
-        log.exception("training failed at step %d", trainer.counters.step)
-        raise
     finally:
         metrics.close()
         try:

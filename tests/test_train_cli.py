@@ -109,3 +109,36 @@ def test_a_model_or_device_that_is_not_available_is_refused_with_what_to_set(tmp
             os.environ["HF_HUB_OFFLINE"] = env_backup
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stdout + proc.stderr
+
+
+def exploding_reward(completions, **kwargs):
+    """A user reward term with a bug: the run must record the crash, not hide it."""
+    raise RuntimeError("boom from a user reward")
+
+
+def test_a_crash_marks_the_attempt_failed_logs_the_traceback_and_exits_non_zero(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{repo}{os.pathsep}{env_path}" if env_path else str(repo)
+    try:
+        proc = run_cli(tmp_path, "run_name=crash",
+                       "+reward.terms.bug={_target_:tests.test_train_cli.exploding_reward,weight:1}")
+    finally:
+        if env_path:
+            os.environ["PYTHONPATH"] = env_path
+        else:
+            os.environ.pop("PYTHONPATH")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    run_dir = tmp_path / "outputs" / "default" / "runs" / "crash"
+    log_text = (run_dir / "train.log").read_text()
+    assert "Traceback" in log_text and "boom from a user reward" in log_text
+    session = json.loads((run_dir / "session.json").read_text())
+    assert session["status"] == "failed"
+    assert (session["attempts"][-1]["status"], session["attempts"][-1]["end_reason"],
+            session["attempts"][-1]["exit_code"]) == ("failed", "exception", 1)
+
+
+def test_a_missing_prompt_file_is_refused_naming_the_key(tmp_path):
+    proc = run_cli(tmp_path, "data=jsonl", "data.path=missing.jsonl")
+    assert proc.returncode == 2
+    assert "data.path" in proc.stdout + proc.stderr and "missing.jsonl" in proc.stdout + proc.stderr
