@@ -87,6 +87,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from so8t.run.metrics import read_metrics
+
 __all__ = ["Run", "Skipped", "find_runs", "load_run", "compare", "main", "JSON_VERSION"]
 
 JSON_VERSION = 1
@@ -263,26 +265,11 @@ def _read_session(file: Path) -> dict[str, Any]:
 def _read_metrics(file: Path) -> list[dict[str, Any]]:
     """Rows sorted by step, the last row written for a step winning; [] if there is no file."""
     try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        return []
+        return read_metrics(file, strict=True)
+    except ValueError as exc:
+        raise Damaged(str(exc)) from None
     except OSError as exc:
         raise Damaged(f"metrics.jsonl cannot be read ({_short(exc)})") from None
-    by_step: dict[int, dict[str, Any]] = {}
-    lines = data.split(b"\n")
-    # What follows the last newline is a row cut by a crash (or nothing): not part of the record.
-    for number, raw in enumerate(lines[:-1], start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except ValueError:
-            raise Damaged(f"metrics.jsonl line {number} is not valid JSON") from None
-        step = row.get("step") if isinstance(row, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise Damaged(f"metrics.jsonl line {number} has no integer 'step'")
-        by_step[step] = row
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _read_config(file: Path) -> dict[str, Any]:

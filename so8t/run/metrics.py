@@ -58,27 +58,35 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows sorted by step, the last written row winning for each step. Missing file: []."""
+def read_metrics(path: str | os.PathLike[str], strict: bool = False) -> list[dict[str, Any]]:
+    """Rows sorted by step, the last written row winning for each step. Missing file: [].
+
+    A line that is not a JSON row with an integer ``step`` is skipped with a warning, or, with
+    ``strict``, raises ValueError naming the line (for readers that report damaged runs)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return []
     lines = data.split(b"\n")
     # Whatever follows the last newline is a partial row (or empty): not part of the record.
-    by_step: dict[Any, dict[str, Any]] = {}
+    by_step: dict[int, dict[str, Any]] = {}
     for number, raw in enumerate(lines[:-1], start=1):
         if not raw.strip():
             continue
         try:
             row = json.loads(raw)
+            problem = None
         except ValueError:
-            log.warning("%s line %d is not valid JSON; skipped", path, number)
+            row, problem = None, "is not valid JSON"
+        step = row.get("step") if isinstance(row, dict) else None
+        if problem is None and (not isinstance(step, int) or isinstance(step, bool)):
+            problem = "has no integer 'step'"
+        if problem is not None:
+            if strict:
+                raise ValueError(f"metrics.jsonl line {number} {problem}")
+            log.warning("%s line %d %s; skipped", path, number, problem)
             continue
-        if not isinstance(row, dict) or "step" not in row:
-            log.warning("%s line %d has no 'step'; skipped", path, number)
-            continue
-        by_step[row["step"]] = row
+        by_step[step] = row
     return [by_step[s] for s in sorted(by_step)]
 
 
