@@ -546,6 +546,10 @@ def _unique_metrics(metrics: Sequence[str]) -> list[Metric]:
 # output
 
 
+# Longest config value or key shown in the terminal table (the csv, md and json keep them whole).
+MAX_CELL = 24
+
+
 @dataclass
 class _Column:
     header: str
@@ -561,8 +565,9 @@ class _Column:
 def render_table(cmp: Comparison, width: int = 100) -> str:
     """A plain-text table meant to stay within ``width`` columns.
 
-    Too wide even with the run names shortened, it is printed as two tables: the runs' state,
-    then (with the run names again) their config keys and metrics.
+    Too wide even with the run names shortened, it is printed as several tables: the runs'
+    state, then (with the run names again) their config keys and metrics, as many columns to a
+    table as fit. Long config values are shortened in the middle (``MAX_CELL`` characters).
     """
     if not cmp.runs:
         return "no runs match\n" if cmp.found else "no runs found\n"
@@ -590,7 +595,8 @@ def render_table(cmp: Comparison, width: int = 100) -> str:
     for key, short in zip(cmp.keys, _short_keys(cmp.keys)):
         values = [r.config.get(key, _MISSING) for r in cmp.runs]
         numeric = all(_is_number(v) for v in values)
-        extra.append(_Column(short, ["-" if v is _MISSING else _text(v) for v in values], ">" if numeric else "<"))
+        cells = ["-" if v is _MISSING else _elide(_text(v), MAX_CELL) for v in values]
+        extra.append(_Column(_elide(short, MAX_CELL), cells, ">" if numeric else "<"))
     for metric in cmp.metrics:
         extra.append(_Column("last", [_number(s[metric.name].last) for s in cmp.summaries], ">", metric.name))
         digits = max(len(str(s[metric.name].best_step)) for s in cmp.summaries)
@@ -601,8 +607,30 @@ def render_table(cmp: Comparison, width: int = 100) -> str:
     if max(len(line) for line in whole) <= width or not extra:
         lines += whole
     else:
-        lines += _block(base, run, width) + [""] + _block([run] + extra, run, width)
+        lines += _block(base, run, width)
+        for group in _column_groups(extra, width - min(run.width, 16) - 2):
+            lines += [""] + _block([run] + group, run, width)
     return "\n".join(lines) + "\n"
+
+
+def _column_groups(columns: list[_Column], width: int) -> list[list[_Column]]:
+    """Split columns into tables that each fit ``width`` (a metric's two columns stay together)."""
+    units: list[list[_Column]] = []
+    i = 0
+    while i < len(columns):
+        size = 2 if columns[i].span and i + 1 < len(columns) else 1
+        units.append(columns[i:i + size])
+        i += size
+    groups: list[list[_Column]] = [[]]
+    used = 0
+    for unit in units:
+        need = sum(c.width + 2 for c in unit)
+        if groups[-1] and used + need > width:
+            groups.append([])
+            used = 0
+        groups[-1].extend(unit)
+        used += need
+    return groups
 
 
 def _block(columns: list[_Column], elidable: _Column, width: int) -> list[str]:

@@ -268,3 +268,19 @@ def test_imports_no_torch_and_is_a_console_script(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "so8t.compare", str(tmp_path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 1 and "no runs found" in proc.stdout and "skipped" in proc.stderr
+
+
+def test_many_differing_keys_wrap_into_tables_that_fit_100_columns(tmp_path, capsys):
+    so8 = {f"adapter.gate.key_number_{i}": i for i in range(12)}
+    lora = {"adapter.kind": "lora", "adapter.target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "lm_head"],
+            "adapter.r": 8, "adapter.alpha": 16.0}
+    make_run(tmp_path / "e" / "runs" / "so8", identity=so8)
+    make_run(tmp_path / "e" / "runs" / "lora", identity=lora)
+    code, out, _ = run_cli(tmp_path, "--width", "100", capsys=capsys)
+    lines = out.splitlines()
+    assert code == 0 and all(len(line) <= 100 for line in lines), out
+    tables = out.split("\n\n")
+    assert len(tables) >= 3  # the state, then the config keys and metrics over several tables
+    assert all("RUN" in table for table in tables)
+    assert "reward/mean" in out and "key_number_11" in out and "target_modules" in out
+    assert "…" in out  # the long list value is shortened in the middle
