@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from transformers import Phi3ForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from so8t.model.policy import positions_from_mask
 from so8t.model.tiny import TINY_DIR, build_tiny_config, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,6 @@ def target_text(a: int, b: int) -> str:
 def plain_target_text(a: int, b: int) -> str:
     """The bare answer style the pre-training mixes in (no think block: the reward rejects it)."""
     return f"<final>{a + b}</final>"
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def build_sft_batch(
@@ -88,7 +84,7 @@ def build_sft_batch(
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "position_ids": position_ids_from_mask(attention_mask),
+        "position_ids": positions_from_mask(attention_mask),
         "labels": labels,
     }
 

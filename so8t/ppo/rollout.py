@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from so8t.model.policy import positions_from_mask
+
 
 @dataclass
 class Rollout:
@@ -22,11 +24,6 @@ class Rollout:
     logprobs: torch.Tensor  # (B, R), at the sampling temperature
     values: torch.Tensor  # (B, R), value of the state before each token
     ended_with_eos: torch.Tensor  # (B,) bool
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that ignore left padding: the first real token is position 0."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -89,7 +86,7 @@ def response_logits(policy, rollout: Rollout, rows: torch.Tensor | slice = slice
     start = query_ids.shape[1] - 1
     stop = start + response_ids.shape[1]
     # lm_head and the value head only where a response token is predicted.
-    out = policy(ids, mask, position_ids=positions_from_mask(mask), output_slice=slice(start, stop))
+    out = policy(ids, mask, output_slice=slice(start, stop))
     return out.logits.float(), out.values.float(), response_ids
 
 

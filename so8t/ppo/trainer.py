@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from so8t.ppo.advantages import gae, masked_mean, masked_whiten, token_rewards
+from so8t.ppo.advantages import gae, masked_whiten, token_rewards
 from so8t.ppo.losses import ppo_losses
 from so8t.ppo.rollout import Rollout, response_logits, sample_responses, token_logprobs
 
@@ -226,7 +226,7 @@ class PPOTrainer:
         loss = parts.policy_loss + cfg.vf_coef * parts.value_loss
         if cfg.ent_coef != 0:
             loss = loss - cfg.ent_coef * entropy_sum * token_weight
-        return loss, parts, entropy_sum.detach(), mask.sum()
+        return loss, parts, entropy_sum.detach()
 
     def ppo_epoch(self, scored: ScoredRollout, stats: dict[str, list[float]]) -> None:
         cfg = self.cfg
@@ -240,7 +240,7 @@ class PPOTrainer:
             clip, approx_kl = [], []
             for micro_start in range(0, len(mini), self.micro_batch_size):
                 rows = mini[micro_start : micro_start + self.micro_batch_size]
-                loss, parts, entropy_sum, _ = self._micro_batch_loss(scored, rows, 1.0 / tokens_in_mini)
+                loss, parts, entropy_sum = self._micro_batch_loss(scored, rows, 1.0 / tokens_in_mini)
                 loss.backward()
                 totals["loss"] += float(loss.detach())
                 totals["policy_loss"] += float(parts.policy_loss.detach())
