@@ -45,7 +45,11 @@ def build_policy_and_tokenizer(model_cfg, adapter_cfg, device: torch.device, dty
     from so8t.model.policy import build_policy
 
     base, tokenizer = load_base_model(model_cfg, dtype=dtype, device=device)
-    policy = build_policy(base, adapter_cfg).to(device)
+    try:
+        policy = build_policy(base, adapter_cfg).to(device)
+    except ValueError as exc:  # e.g. a hidden size the SO(8) blocks cannot split, a layer out of range
+        where = f"model.path={model_cfg.path}" if model_cfg.path else f"model.source={model_cfg.source}"
+        raise SetupError(f"adapter={adapter_cfg.kind} does not fit the model ({where}): {exc}") from exc
     return policy, tokenizer
 
 
@@ -64,6 +68,9 @@ class Components:
     policy: object
     tokenizer: object
     device: torch.device
+    # Which base model the run trains on (see so8t.model.fingerprint): part of the
+    # checkpoints' identity, so a checkpoint is never resumed on other weights.
+    base_fingerprint: dict
 
 
 def build_components(cfg) -> Components:
@@ -84,6 +91,12 @@ def build_components(cfg) -> Components:
     except (OSError, ValueError) as exc:  # the messages name the data key, file and line
         raise SetupError(str(exc)) from exc
     sampler = PromptSampler(len(prompts), cfg.ppo.rollout_batch_size, seed=cfg.seed)
+    log.info("a prompt as the model sees it: %r", prompts[0].text)
+    grad_scaler = None
+    if dtype == torch.float16:
+        # fp16 gradients of the frozen trunk underflow without loss scaling; bf16 and fp32
+        # have the exponent range of fp32 and need none.
+        grad_scaler = torch.amp.GradScaler(device.type)
     opt = cfg.ppo.optimizer
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
@@ -102,8 +115,15 @@ def build_components(cfg) -> Components:
         gate_schedule=build_gate_schedule(cfg.adapter),
         micro_batch_size=cfg.hardware.micro_batch_size,
         device=device,
+        skip_special_tokens=cfg.reward.skip_special_tokens,
+        grad_scaler=grad_scaler,
+        samples_per_step=cfg.logger.samples_per_step,
     )
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())
-    log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts", n_trainable,
-             cfg.adapter.kind, len(prompts))
-    return Components(trainer=trainer, policy=policy, tokenizer=tokenizer, device=device)
+    log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts; stop token ids %s%s",
+             n_trainable, cfg.adapter.kind, len(prompts), trainer.stop_ids,
+             "; old log-probs recomputed with the training forward" if trainer.recompute_old_logprobs else "")
+    from so8t.model.fingerprint import base_model_fingerprint
+
+    return Components(trainer=trainer, policy=policy, tokenizer=tokenizer, device=device,
+                      base_fingerprint=base_model_fingerprint(cfg.model))

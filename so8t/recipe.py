@@ -93,7 +93,13 @@ def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
         OmegaConf.to_container(cfg.adapter, resolve=True),
         gate,
         run_dir / "final",
-        extra={"step": trainer.counters.step},
+        extra={
+            "step": trainer.counters.step,
+            # How the policy was asked and when it stopped, so load_policy(...).generate asks
+            # and stops the same way.
+            "stop_token_ids": list(trainer.stop_ids),
+            "prompting": {key: cfg.data.get(key) for key in ("chat_template", "system_prompt", "instruction")},
+        },
     )
 
 
@@ -165,8 +171,11 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
     components = build_components(cfg)
     trainer = components.trainer
     identity = config_identity(cfg)
-    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), identity)
-    resumed = checkpoints.resume(cfg.resume, identity)
+    # Checkpoints also record which base weights they were trained on (session.json keeps the
+    # config identity alone, so a completed run is recognised without loading the model).
+    checkpoint_identity = {**identity, **components.base_fingerprint}
+    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), checkpoint_identity)
+    resumed = checkpoints.resume(cfg.resume, checkpoint_identity)
     if resumed is not None:
         log.info("resumed from step %d (checkpoint %s, reason %s)", resumed.step, resumed.path, resumed.reason)
     else:
@@ -187,9 +196,10 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
 
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
     metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
+    samples = MetricsWriter(run_dir / cfg.logger.samples_file)
     status, reason, code = "failed", "exception", EXIT_FAILED
     try:
-        status, reason, code = _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline)
+        status, reason, code = _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline)
         if status == "completed":
             if cfg.checkpoint.save_on_end:
                 if _already_saved(checkpoints, trainer.counters.step):
@@ -202,6 +212,7 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
         return code
     finally:
         metrics.close()
+        samples.close()
         try:
             checkpoints.close()
         except Exception:  # a failed background write was logged when it happened
@@ -234,7 +245,16 @@ def _record_progress(session, trainer, checkpoints) -> None:
     session.update(trainer.counters.step, trainer.counters.training_time, last_checkpoint=last)
 
 
-def _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline: Deadline) -> tuple[str, str, int]:
+def _write_samples(cfg, trainer, samples) -> None:
+    """A few episodes of this update, raw text included, at the first update and every
+    ``logger.samples_every`` updates: where a user checks what the model was given and said."""
+    step, every = trainer.counters.step, cfg.logger.samples_every
+    if every and (step == 1 or step % every == 0):
+        for sample in trainer.samples:
+            samples.write({"step": step, **sample})
+
+
+def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
     """PPO updates until max_steps, a stop signal or the deadline; returns (status, reason, code)."""
     show = cfg.logger.progress_bars
     with logging_redirect_tqdm():
@@ -255,6 +275,7 @@ def _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline: Deadline)
                 row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
                 deadline.observe_step(row["time/step"])
                 metrics.write(row)
+                _write_samples(cfg, trainer, samples)
                 steps.set_postfix(_postfix(row), refresh=False)
                 steps.update(1)
                 log.info(

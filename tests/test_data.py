@@ -30,6 +30,8 @@ def make_tokenizer(chat_template: str | None = None):
 
 
 def arithmetic(**overrides):
+    """Bare questions unless a test asks for the system prompt and instruction."""
+    overrides = {"system_prompt": None, "instruction": None, **overrides}
     return OmegaConf.structured(ArithmeticDataConfig(**overrides))
 
 
@@ -109,18 +111,21 @@ def test_jsonl_custom_fields_missing_reference_and_blank_lines(tmp_path):
         ],
     )
     prompts = build_prompts(jsonl(path, prompt_field="q", reference_field="a", system_field="sys"))
-    assert prompts == [
-        Prompt("be brief\nwhat is 2+2?", "4"),  # no tokenizer: system text prepended with a newline
-        Prompt("no answer here", None),
-        Prompt("nothing else", None),
-        Prompt("number answer", "42"),
+    # No tokenizer: plain text, the system text prepended with a newline.
+    assert [(p.text, p.reference) for p in prompts] == [
+        ("be brief\nwhat is 2+2?", "4"),
+        ("no answer here", None),
+        ("nothing else", None),
+        ("number answer", "42"),
     ]
+    assert prompts[0].chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2+2?"}]
+    assert prompts[0].input_ids is None
 
 
 def test_jsonl_null_reference_and_system_fields_in_config(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "reference": "x", "system": "s"}])
     prompts = build_prompts(jsonl(path, reference_field=None, system_field=None))
-    assert prompts == [Prompt("hi", None)]
+    assert [(p.text, p.reference) for p in prompts] == [("hi", None)]
 
 
 def test_jsonl_uses_chat_template_when_the_tokenizer_has_one(tmp_path):
@@ -131,9 +136,9 @@ def test_jsonl_uses_chat_template_when_the_tokenizer_has_one(tmp_path):
         "<|system|> be brief <|user|> what is 2+2? <|assistant|>",
         "<|user|> what is <|assistant|>",
     ]
-    forced = build_prompts(jsonl(path, chat_template="true"), tokenizer)
+    forced = build_prompts(jsonl(path, chat_template=True), tokenizer)
     assert forced == prompts
-    plain = build_prompts(jsonl(path, chat_template="false"), tokenizer)
+    plain = build_prompts(jsonl(path, chat_template=False), tokenizer)
     assert plain[0].text == "be brief\nwhat is 2+2?"
 
 
@@ -142,9 +147,9 @@ def test_jsonl_without_chat_template(tmp_path):
     tokenizer = make_tokenizer()
     assert build_prompts(jsonl(path), tokenizer)[0].text == "be brief\nwhat is 2+2?"
     with pytest.raises(ValueError, match="data.chat_template=true but the tokenizer has no chat template"):
-        build_prompts(jsonl(path, chat_template="true"), tokenizer)
+        build_prompts(jsonl(path, chat_template=True), tokenizer)
     with pytest.raises(ValueError, match="data.chat_template=true but no tokenizer"):
-        build_prompts(jsonl(path, chat_template="true"))
+        build_prompts(jsonl(path, chat_template=True))
 
 
 @pytest.mark.parametrize("value, expected", [(True, "<|user|>"), (False, "what is")])
@@ -157,7 +162,7 @@ def test_jsonl_chat_template_accepts_booleans(tmp_path, value, expected):
 def test_jsonl_prompt_too_long_names_the_line(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what is"}, {"prompt": "what is 2+2? be brief"}])
     with pytest.raises(ValueError, match=r"p\.jsonl:2: prompt is 5 tokens, longer than data\.max_prompt_tokens=4"):
-        build_prompts(jsonl(path, max_prompt_tokens=4, chat_template="false"), make_tokenizer())
+        build_prompts(jsonl(path, max_prompt_tokens=4, chat_template=False), make_tokenizer())
 
 
 def test_jsonl_missing_file_names_the_key(tmp_path):
@@ -169,7 +174,12 @@ def test_jsonl_missing_file_names_the_key(tmp_path):
     "lines, match",
     [
         (['{"prompt": "a"}', "{not json"], r"p\.jsonl:2: invalid JSON"),
-        (['{"prompt": "a"}', "", '{"question": "b"}'], r"p\.jsonl:3: missing prompt field 'prompt'.*question"),
+        (['{"prompt": "a"}', "", '{"question": "b"}'],
+         r"p\.jsonl:3: missing prompt field 'prompt' \(data.prompt_field\) or messages field 'messages'.*question"),
+        (['{"messages": []}'], r"p\.jsonl:1: field 'messages' \(data.messages_field\) must be a non-empty list"),
+        (['{"messages": [{"role": "bot", "content": "x"}]}'], r"p\.jsonl:1: field 'messages' .*\[0\] must be"),
+        (['{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}'],
+         r"p\.jsonl:1: .*must end with a user turn"),
         (['{"prompt": null}'], r"p\.jsonl:1: prompt field 'prompt' \(data.prompt_field\) is null"),
         (['["a"]'], r"p\.jsonl:1: expected a JSON object"),
         (['{"prompt": "a", "reference": [1]}'], r"p\.jsonl:1: field 'reference' \(data.reference_field\)"),
@@ -186,7 +196,59 @@ def test_jsonl_errors_name_file_and_line(tmp_path, lines, match):
 def test_jsonl_is_read_as_utf8(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes('{"prompt": "日本語の質問", "reference": "答え"}\n'.encode("utf-8"))
-    assert build_prompts(jsonl(path)) == [Prompt("日本語の質問", "答え")]
+    assert [(p.text, p.reference) for p in build_prompts(jsonl(path))] == [("日本語の質問", "答え")]
+
+
+def test_jsonl_reads_chat_messages_as_hf_chat_datasets_store_them(tmp_path):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is"},
+                {"role": "assistant", "content": "is"}, {"role": "user", "content": "2+2?"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"messages": messages, "reference": "4"}])
+    prompt = build_prompts(jsonl(path), make_tokenizer(CHAT_TEMPLATE))[0]
+    assert prompt.chat() == messages
+    assert prompt.text == "<|system|> be brief <|user|> what is <|assistant|> is <|user|> 2+2? <|assistant|>"
+    assert prompt.reference == "4"
+
+
+def test_system_prompt_and_instruction_ask_every_source(tmp_path):
+    from so8t.model.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    cfg = arithmetic(num_prompts=1, system_prompt="Answer in the form <think></think><final>the sum</final>",
+                     instruction="Add the two numbers:")
+    prompt = build_prompts(cfg, tok)[0]
+    question = prompt.chat()[-1]["content"]
+    assert question.startswith("Add the two numbers: ") and question.endswith("=")
+    assert prompt.text == tok.apply_chat_template(prompt.chat(), tokenize=False, add_generation_prompt=True)
+    assert prompt.text.startswith("<|system|>\nAnswer in the form") and prompt.text.endswith("<|assistant|>\n")
+    # A rendered template already holds its special tokens: encoding adds none.
+    assert list(prompt.input_ids) == tok(prompt.text, add_special_tokens=False)["input_ids"]
+    # JSONL rows that bring their own system text keep it; the instruction is added to the user turn.
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2=", "system": "own"}, {"prompt": "3+3="}])
+    rows = build_prompts(jsonl(path, system_prompt="default", instruction="Add:"), make_tokenizer(CHAT_TEMPLATE))
+    assert [p.chat() for p in rows] == [
+        [{"role": "system", "content": "own"}, {"role": "user", "content": "Add: 2+2="}],
+        [{"role": "system", "content": "default"}, {"role": "user", "content": "Add: 3+3="}],
+    ]
+
+
+def test_without_a_chat_template_prompts_get_the_tokenizers_special_tokens():
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))])
+    cfg = {"source": "arithmetic", "num_prompts": 1, "max_operand": 0, "system_prompt": "be brief"}
+    prompt = build_prompts(cfg, tok)[0]
+    assert prompt.text == "be brief\n0+0="
+    assert prompt.input_ids[0] == tok.convert_tokens_to_ids("<s>")  # a base model's BOS
+
+
+@pytest.mark.parametrize("value", ["true", "auto", 1])
+def test_chat_template_must_be_a_real_boolean(tmp_path, value):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what is"}])
+    with pytest.raises(ValueError, match="data.chat_template must be true, false or null"):
+        build_prompts({"source": "jsonl", "path": str(path), "chat_template": value}, make_tokenizer(CHAT_TEMPLATE))
 
 
 # --------------------------------------------------------------------------- sampler

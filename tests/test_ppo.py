@@ -106,32 +106,150 @@ def test_kl_is_zero_and_ratio_is_one_on_the_first_mini_batch(first_rollout):
     assert torch.allclose(values[mask], ro.values[rows][mask], atol=1e-5)
 
 
-def test_nothing_counts_after_eos(first_rollout):
+def test_nothing_counts_after_the_stop_token(first_rollout):
     trainer, scored = first_rollout
     ro = scored.rollout
-    eos = trainer.eos_id
+    stops = set(trainer.stop_ids)
     for row in range(ro.response_ids.shape[0]):
         ids, mask = ro.response_ids[row].tolist(), ro.response_mask[row].tolist()
-        if eos in ids:
-            end = ids.index(eos)
-            assert mask == [1] * (end + 1) + [0] * (len(ids) - end - 1)
+        ends = [i for i, t in enumerate(ids) if t in stops]
+        if ends:
+            end = ends[0]
+            assert mask == [1] * (end + 1) + [0] * (len(ids) - end - 1)  # the stop token counts
             assert all(t == trainer.pad_id for t in ids[end + 1 :])
+            assert bool(ro.ended_with_stop[row])
         else:
-            assert all(mask) and not bool(ro.ended_with_eos[row])
+            assert all(mask) and not bool(ro.ended_with_stop[row])
         tail = torch.tensor(mask) == 0
         for tensor in (ro.logprobs, ro.values, scored.advantages, scored.returns, scored.kl):
             assert torch.all(tensor[row][tail] == 0)
-    assert bool(ro.ended_with_eos.any()), "the tiny model should finish some responses"
+    assert bool(ro.ended_with_stop.any()), "the tiny model should finish some responses"
 
 
-def test_missing_eos_is_penalised_and_score_is_the_weighted_reward(first_rollout):
+def test_responses_end_at_the_end_of_turn_token_and_rewards_see_stripped_text(first_rollout):
+    trainer, scored = first_rollout
+    ro = scored.rollout
+    end = trainer.tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end != trainer.tokenizer.eos_token_id and end in trainer.stop_ids
+    last = ro.response_ids.gather(1, (ro.response_mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+    assert bool((last[ro.ended_with_stop] == end).all()), "the instruct model ends its turns with <|end|>"
+    completions, raw = trainer._decode_responses(ro)
+    finished = [i for i, e in enumerate(ro.ended_with_stop.tolist()) if e]
+    assert finished
+    for i in finished:
+        assert raw[i].endswith("<|end|>") and completions[i] == raw[i].removesuffix("<|end|>")
+        assert "<|" not in completions[i]
+    assert scored.samples and set(scored.samples[0]) == {"prompt", "raw", "completion", "reward", "ended_with_stop"}
+    assert scored.samples[0]["prompt"].startswith("<|system|>")
+
+
+def test_special_tokens_can_be_kept_for_the_reward_terms():
+    torch.manual_seed(0)
+    trainer = _trainer("ppo.rollout_batch_size=8", "reward.skip_special_tokens=false")
+    completions, raw = trainer._decode_responses(trainer.make_rollout().rollout)
+    assert completions == raw and any(c.endswith("<|end|>") for c in completions)
+
+
+def test_any_configured_stop_token_or_stop_string_ends_a_response():
+    torch.manual_seed(0)
+    trainer = _trainer("ppo.rollout_batch_size=16")
+    final = trainer.tokenizer.convert_tokens_to_ids("<final>")
+    torch.manual_seed(0)
+    extra = _trainer("ppo.rollout_batch_size=16", f"ppo.stop_token_ids=[{final}]")
+    ro = extra.make_rollout().rollout
+    ids = ro.response_ids.tolist()
+    for row, mask in enumerate(ro.response_mask.tolist()):
+        if final in ids[row]:
+            assert sum(mask) == ids[row].index(final) + 1 and bool(ro.ended_with_stop[row])
+    assert any(final in row for row in ids)
+    torch.manual_seed(0)
+    by_string = _trainer("ppo.rollout_batch_size=16", "ppo.stop_strings=['<final>']")
+    ro = by_string.make_rollout().rollout
+    completions, _ = by_string._decode_responses(ro)
+    assert all(c.endswith("<final>") for c, e in zip(completions, ro.ended_with_stop.tolist()) if e)
+    assert bool(ro.ended_with_stop.any())
+
+
+def test_missing_stop_is_penalised_and_score_is_the_weighted_reward(first_rollout):
     trainer, scored = first_rollout
     ro = scored.rollout
     penalty = trainer.cfg.missing_eos_penalty
-    decoded = trainer._decode_responses(ro)
-    assert len(decoded) == ro.response_ids.shape[0]
-    raw = scored.scores + penalty * (~ro.ended_with_eos).float()
+    completions, _ = trainer._decode_responses(ro)
+    assert len(completions) == ro.response_ids.shape[0]
+    raw = scored.scores + penalty * (~ro.ended_with_stop).float()
     assert float(raw.mean()) == pytest.approx(scored.stats["reward/mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_bf16_ratio_is_exactly_one_at_the_start_only_with_recompute(recompute):
+    torch.manual_seed(0)
+    trainer = _trainer("hardware.dtype=bfloat16", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
+                       "hardware.micro_batch_size=4", "ppo.max_new_tokens=12", f"ppo.recompute_old_logprobs={recompute}")
+    row = trainer.train_step()
+    if recompute:
+        # Old log-probs from the very forward the first mini-batch trains with: ratio 1, KL 0.
+        assert row["ppo/ratio_max_dev_start"] == 0.0 and row["ppo/approx_kl_start"] == 0.0
+        assert row["kl/mean"] == 0.0  # the reference pass uses the same grouping
+        assert "time/recompute" in row
+    else:
+        # KV-cached decoding and a full forward round differently in bf16.
+        assert row["ppo/ratio_max_dev_start"] > 1e-3 and row["ppo/approx_kl_start"] > 0.0
+
+
+def test_recompute_defaults_to_on_below_fp32_only():
+    assert _trainer("hardware.dtype=bfloat16").recompute_old_logprobs
+    assert not _trainer().recompute_old_logprobs
+    assert _trainer("ppo.recompute_old_logprobs=true").recompute_old_logprobs
+
+
+def test_dropout_is_off_in_ppo_forwards_while_gradient_checkpointing_works():
+    from types import SimpleNamespace
+
+    from transformers import Phi3ForCausalLM
+
+    from so8t.model.policy import build_policy
+    from so8t.model.tiny import build_tiny_config, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    config = build_tiny_config(tokenizer=tok)
+    config.resid_pdrop = config.embd_pdrop = config.attention_dropout = 0.5
+    ids = torch.randint(8, len(tok), (2, 9))
+    mask = torch.ones_like(ids)
+
+    def policy_and_saved_tensors(checkpointing: bool):
+        torch.manual_seed(0)
+        policy = build_policy(Phi3ForCausalLM(config), SimpleNamespace(kind="so8", layers=[0], init_std=0.1))
+        if checkpointing:
+            assert policy.enable_gradient_checkpointing()
+        policy.train_without_dropout()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+            first = policy(ids, mask)
+        second = policy(ids, mask)
+        assert torch.equal(first.logits, second.logits) and torch.equal(first.values, second.values)
+        first.values.sum().backward()
+        assert policy.adapter.rotations["0"].skew.grad is not None
+        return policy, len(saved)
+
+    _, kept = policy_and_saved_tensors(False)
+    policy, checkpointed = policy_and_saved_tensors(True)
+    # Checkpointed layers keep only their inputs for the backward pass, not their activations.
+    assert checkpointed < kept / 2, (checkpointed, kept)
+    policy.train()  # plain training mode: dropout on, the forwards differ
+    assert not torch.equal(policy(ids, mask).logits, policy(ids, mask).logits)
+
+
+def test_fp16_trains_with_loss_scaling_and_checkpoints_the_scaler():
+    torch.manual_seed(0)
+    trainer = _trainer("hardware.dtype=float16", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+                       "ppo.ppo_epochs=1")
+    assert "grad_scaler" in trainer.stateful_parts()
+    before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}
+    row = trainer.train_step()
+    assert row["loss/scale"] > 1.0
+    after = trainer.policy.trainable_state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    assert all(torch.isfinite(v).all() for v in after.values())
 
 
 @pytest.mark.parametrize("micro", [None, 2])

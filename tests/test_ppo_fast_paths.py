@@ -60,10 +60,10 @@ def test_sampling_with_frozen_adapters_is_the_same_rollout():
     ids, mask = batch()
     query_ids, query_mask = ids[:, :6], mask[:, :6]
     torch.manual_seed(3)
-    plain = sample_responses(policy, query_ids, query_mask, 6, 1.0, eos_id=1, pad_id=0)
+    plain = sample_responses(policy, query_ids, query_mask, 6, 1.0, stop_ids=[1], pad_id=0)
     torch.manual_seed(3)
     with policy.frozen_adapters():
-        frozen = sample_responses(policy, query_ids, query_mask, 6, 1.0, eos_id=1, pad_id=0)
+        frozen = sample_responses(policy, query_ids, query_mask, 6, 1.0, stop_ids=[1], pad_id=0)
     assert torch.equal(plain.response_ids, frozen.response_ids)
     assert torch.equal(plain.logprobs, frozen.logprobs) and torch.equal(plain.values, frozen.values)
 

@@ -85,6 +85,10 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     whiten_advantages: bool = True
     missing_eos_penalty: float = 1.0
+    stop_token_ids: List[int] = field(default_factory=list)
+    stop_strings: List[str] = field(default_factory=list)
+    # null: recompute whenever the compute dtype is not float32.
+    recompute_old_logprobs: Optional[bool] = None
     kl: KLConfig = field(default_factory=KLConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
@@ -104,6 +108,12 @@ class RewardConfig:
     # a term from the command line (OmegaConf cannot create a typed dict entry from a path).
     # so8t.config.validate checks each term's keys against RewardTermConfig.
     terms: Dict[str, Any] = field(default_factory=dict)
+    skip_special_tokens: bool = True
+
+
+# The tiny default's request for the rewarded format; its words are in the tiny vocabulary.
+DEFAULT_SYSTEM_PROMPT = "Answer in the form <think>reasoning</think><final>the sum</final>."
+DEFAULT_INSTRUCTION = "Add the two numbers:"
 
 
 @dataclass
@@ -113,6 +123,11 @@ class ArithmeticDataConfig:
     min_operand: int = 0
     max_operand: int = 9
     seed: int = 1234
+    system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
+    instruction: Optional[str] = DEFAULT_INSTRUCTION
+    # null: use the tokenizer's chat template when it has one; true/false force it.
+    chat_template: Optional[bool] = None
+    max_prompt_tokens: Optional[int] = None
 
 
 @dataclass
@@ -120,11 +135,14 @@ class JsonlDataConfig:
     source: str = "jsonl"
     path: str = MISSING
     prompt_field: str = "prompt"
+    messages_field: Optional[str] = "messages"
     reference_field: Optional[str] = "reference"
     system_field: Optional[str] = "system"
-    # auto: use the tokenizer's chat template when it has one; true/false force it.
-    chat_template: str = "auto"
-    max_prompt_tokens: int = 256
+    system_prompt: Optional[str] = None
+    instruction: Optional[str] = None
+    # null: use the tokenizer's chat template when it has one; true/false force it.
+    chat_template: Optional[bool] = None
+    max_prompt_tokens: Optional[int] = 256
 
 
 @dataclass
@@ -153,6 +171,9 @@ class LoggerConfig:
     progress_bars: bool = True
     level: str = "INFO"
     metrics_file: str = "metrics.jsonl"
+    samples_file: str = "samples.jsonl"
+    samples_every: int = 10
+    samples_per_step: int = 4
 
 
 @dataclass

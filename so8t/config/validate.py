@@ -84,6 +84,12 @@ def _check_ppo(cfg: DictConfig, problems: list[str]) -> None:
     _in_unit_interval(cfg, "ppo.lam", problems)
     _one_of(cfg, "ppo.kl.kind", ("fixed", "adaptive"), problems)
     _one_of(cfg, "ppo.optimizer.lr_schedule", ("constant", "linear", "cosine"), problems)
+    for i, token_id in enumerate(cfg.ppo.stop_token_ids):
+        if token_id < 0:
+            problems.append(f"ppo.stop_token_ids[{i}]={token_id} must be a token id >= 0")
+    for i, text in enumerate(cfg.ppo.stop_strings):
+        if not text:
+            problems.append(f"ppo.stop_strings[{i}] is empty; an empty stop string would end every response at once")
     betas = list(cfg.ppo.optimizer.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         problems.append(f"ppo.optimizer.betas={betas} must be two numbers in [0, 1)")
@@ -119,6 +125,8 @@ def _check_adapter(cfg: DictConfig, problems: list[str]) -> None:
 
 def _check_data(cfg: DictConfig, problems: list[str]) -> None:
     _check_kind_schema(cfg.data, "data", "source", DATA_SCHEMAS, problems)
+    if cfg.data.get("source") in DATA_SCHEMAS:
+        _positive(cfg, "data.max_prompt_tokens", problems)
     if cfg.data.get("source") == "arithmetic":
         _positive(cfg, "data.num_prompts", problems)
         _positive(cfg, "data.min_operand", problems, allow_zero=True)
@@ -127,9 +135,6 @@ def _check_data(cfg: DictConfig, problems: list[str]) -> None:
     elif cfg.data.get("source") == "jsonl":
         if OmegaConf.is_missing(cfg.data, "path"):
             problems.append("data.path must be set for data=jsonl (data.path=/path/to/prompts.jsonl)")
-        if str(cfg.data.chat_template).lower() not in ("auto", "true", "false"):
-            problems.append(f"data.chat_template={cfg.data.chat_template!r} must be auto, true or false")
-        _positive(cfg, "data.max_prompt_tokens", problems)
 
 
 def _check_model(cfg: DictConfig, problems: list[str]) -> None:
@@ -186,5 +191,7 @@ def validate(cfg: DictConfig) -> None:
                   _check_hardware, _check_checkpoint):
         check(cfg, problems)
     _one_of(cfg, "logger.level", ("DEBUG", "INFO", "WARNING", "ERROR"), problems)
+    _positive(cfg, "logger.samples_every", problems, allow_zero=True)
+    _positive(cfg, "logger.samples_per_step", problems, allow_zero=True)
     if problems:
         raise ConfigValidationError(problems)

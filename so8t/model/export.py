@@ -63,10 +63,14 @@ def save_final(policy, tokenizer, model_cfg: dict, adapter_cfg: dict, gate: floa
 class LoadedPolicy:
     """A policy rebuilt from ``final/``: the HF model with adapters inside, plus its tokenizer."""
 
-    def __init__(self, policy, tokenizer, device: torch.device):
+    def __init__(self, policy, tokenizer, device: torch.device, stop_ids: list[int],
+                 prompting: dict[str, Any] | None = None):
         self.policy = policy
         self.tokenizer = tokenizer
         self.device = device
+        self.stop_ids = list(stop_ids)
+        # chat_template / system_prompt / instruction of the run's data config.
+        self.prompting = dict(prompting or {})
 
     @property
     def model(self):
@@ -76,16 +80,21 @@ class LoadedPolicy:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 1.0,
                  greedy: bool = True) -> list[str]:
+        """Answer each user text as in training: the same chat template, system prompt and
+        instruction around it, the same stop tokens; special tokens are left out of the answer."""
+        from so8t.data.prompts import render_user_prompts
         from so8t.ppo.rollout import sample_responses
 
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        rendered = render_user_prompts(prompts, self.tokenizer, **self.prompting)
+        enc = self.tokenizer.pad({"input_ids": [list(p.input_ids) for p in rendered]}, return_tensors="pt")
         out = sample_responses(self.policy, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
-                               max_new_tokens, temperature, self.tokenizer.eos_token_id,
-                               self.tokenizer.pad_token_id, greedy=greedy)
+                               max_new_tokens, temperature, self.stop_ids, self.tokenizer.pad_token_id, greedy=greedy)
         texts = []
-        specials = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         for ids, mask in zip(out.response_ids.tolist(), out.response_mask.tolist()):
-            texts.append(self.tokenizer.decode([t for t, m in zip(ids, mask) if m and t not in specials]))
+            kept = [t for t, m in zip(ids, mask) if m]
+            if kept and kept[-1] in self.stop_ids:
+                kept = kept[:-1]
+            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True))
         return texts
 
 
@@ -111,4 +120,7 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32") -
     if meta.get("gate") is not None:
         policy.set_gate(meta["gate"])
     policy.eval()
-    return LoadedPolicy(policy, tokenizer, torch_device)
+    from so8t.model.stops import stop_token_ids
+
+    stop_ids = meta.get("stop_token_ids") or stop_token_ids(policy.base, tokenizer)
+    return LoadedPolicy(policy, tokenizer, torch_device, stop_ids, meta.get("prompting"))

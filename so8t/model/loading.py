@@ -3,12 +3,16 @@
 Sources:
 
 * ``tiny``  - the embedded pre-trained tiny model in ``so8t/model/assets/tiny`` (no download);
-* ``hub``   - a Hugging Face hub id, by default only from the local cache;
+* ``hub``   - a Hugging Face hub id, by default only from the local cache (a ``model.path``
+  that is an existing folder is read as a local folder, so a preset for a hub model can be
+  pointed at a downloaded copy with ``model.path=/folder``);
 * ``local`` - a folder written by ``save_pretrained`` (holds a ``config.json``).
 
 Whatever the source, the caller gets a model that is frozen (eval mode, no gradients), on
 the requested device and dtype, and a tokenizer that pads on the left with a pad token
-distinct from EOS - the two things PPO for language models relies on (DESIGN.md §5).
+distinct from EOS - the two things PPO for language models relies on. A folder that cannot
+hold a usable model (no weights, an architecture transformers does not know, a tokenizer
+whose ids do not fit the embeddings) is refused with a message naming the folder.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from transformers import (
 
 from so8t.errors import ModelNotAvailableError
 from so8t.model.tiny import PAD, TINY_DIR
+
+# Files from_pretrained reads weights from (single file or sharded with an index).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +58,9 @@ def load_base_model(
     if source == "tiny":
         model, tokenizer = _from_pretrained(TINY_DIR, dtype, True, False)
         where = "embedded tiny model"
-    elif source == "local":
+    elif source == "local" or (source == "hub" and path and Path(str(path)).expanduser().is_dir()):
         folder = _check_local_folder(path)
-        model, tokenizer = _from_pretrained(folder, dtype, True, trust_remote_code)
+        model, tokenizer = _from_folder(folder, dtype, trust_remote_code)
         where = f"local folder {folder}"
     elif source == "hub":
         local_files_only = bool(getattr(model_cfg, "local_files_only", True))
@@ -99,6 +107,53 @@ def _from_pretrained(
     # twice the memory of its bf16 copy.
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     return model, tokenizer
+
+
+def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """``_from_pretrained`` on a local folder, with every way the folder can be unusable
+    turned into a message that names it and says what is wrong."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    where = f"model.path={folder}"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelNotAvailableError(f"{where}: config.json cannot be read as JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelNotAvailableError(f"{where}: config.json does not hold a JSON object")
+    model_type = config.get("model_type")
+    if not trust_remote_code and model_type not in CONFIG_MAPPING:
+        raise ModelNotAvailableError(
+            f"{where}: config.json names model_type={model_type!r}, an architecture this transformers "
+            "does not know. Use a newer transformers, or set model.trust_remote_code=true if the folder "
+            "ships its own model code and you trust it.")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise ModelNotAvailableError(
+            f"{where}: the folder has a config.json but no weights (expected one of {', '.join(WEIGHT_FILES)}; "
+            f"found {present}). Copy the model's weight files into it, or point model.path at the folder "
+            "save_pretrained wrote.")
+    try:
+        model, tokenizer = _from_pretrained(folder, dtype, True, trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and torch each raise their own types
+        # A truncated weights file, a missing tokenizer, shapes that do not match the config ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotAvailableError(f"{where}: the model or its tokenizer cannot be loaded: {first}") from exc
+    _check_vocabulary_fits(model, tokenizer, where)
+    return model, tokenizer
+
+
+def _check_vocabulary_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Every id the tokenizer can produce must have an embedding row (a tokenizer from
+    another model family would index past the end of the embedding matrix)."""
+    rows = model.get_input_embeddings().num_embeddings
+    largest = len(tokenizer) - 1
+    if largest >= rows:
+        raise ModelNotAvailableError(
+            f"{where}: the tokenizer has ids up to {largest} but the model has only {rows} embedding rows: "
+            "the tokenizer does not belong to this model. Save the model's own tokenizer into the folder.")
 
 
 def _check_local_folder(path: str | None) -> Path:

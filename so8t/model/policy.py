@@ -1,4 +1,4 @@
-"""Policy with a value head on a shared trunk (DESIGN §2, §5).
+"""Policy with a value head on a shared trunk.
 
 One pass through the frozen base model (with its adapters active) gives both the logits
 (through ``lm_head``) and the values (through a small fp32 value head) from the same final
@@ -153,6 +153,21 @@ class PolicyWithValue(nn.Module):
             return
         with frozen(next(self.base.parameters()).dtype):
             yield
+
+    def train_without_dropout(self) -> "PolicyWithValue":
+        """Training mode only where training needs it; evaluation mode (no dropout) elsewhere.
+
+        PPO's ratio compares log-probs of the same tokens under two forwards; dropout would
+        make them differ by noise, not by learning. HF layers checkpoint their activations
+        only when they are in training mode, so the modules that carry gradient checkpointing
+        stay in it (they hold no dropout of their own: attention dropout follows the attention
+        module's mode, residual dropouts are ``nn.Dropout`` submodules).
+        """
+        self.eval()
+        for module in self.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
+        return self
 
     def set_gate(self, value: float) -> None:
         if self.adapter is not None:

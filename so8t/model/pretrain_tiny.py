@@ -1,18 +1,22 @@
-"""Pre-train the embedded tiny model on ``a+b=`` arithmetic, stopping while it is only partly right.
+"""Pre-train the embedded tiny instruct model on ``a+b=`` chat turns, stopping while it is only partly right.
 
 Run ``python -m so8t.model.pretrain_tiny`` to regenerate ``so8t/model/assets/tiny``.
 
+Every training example is a chat turn exactly as the default run renders it (Phi-3.5's
+template around the default system prompt, which asks for the SO8T answer format, the
+instruction and the question), followed by the answer and the end-of-turn token ``<|end|>``.
 The shipped model is a *starting point for PPO*, with visible room to improve in two ways:
 
-* it writes the SO8T answer format (``<think></think><final>N</final><eos>``) only about half
-  of the time: the other half of its training targets are the bare ``<final>N</final>`` that
-  the strict format reward rejects. Choosing the format is a global behaviour that the SO(8)
-  adapters (input-independent rotations of the residual stream) can learn quickly, which is
-  why the tiny default task is built this way;
+* it follows the system prompt's format (``<think></think><final>N</final>``) for only a
+  minority of its training targets (``1 - plain_fraction``, 30 %); the rest are the bare
+  ``<final>N</final>`` that the strict format reward rejects, so its greedy answers are
+  bare. Choosing the format is a global behaviour that the SO(8) adapters
+  (input-independent rotations of the residual stream) can learn quickly, which is why the
+  tiny default task is built this way;
 * it gets only some sums right. Training stops on a criterion (greedy answer accuracy on
   operands 0-9 reaching a target, with a well-formed answer nearly always) rather than
-  after a fixed number of steps. Everything is seeded; on the same torch build and thread count the
-result is reproducible.
+  after a fixed number of steps. Everything is seeded; on the same torch build and thread
+  count the result is reproducible.
 """
 
 from __future__ import annotations
@@ -30,8 +34,17 @@ from pathlib import Path
 import torch
 from transformers import Phi3ForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from so8t.config.schema import ArithmeticDataConfig
+from so8t.data.prompts import Prompt, build_prompts
 from so8t.model.policy import positions_from_mask
-from so8t.model.tiny import TINY_DIR, build_tiny_config, build_tiny_tokenizer
+from so8t.model.tiny import (
+    END,
+    TINY_DIR,
+    build_tiny_config,
+    build_tiny_generation_config,
+    build_tiny_tokenizer,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,38 +52,44 @@ _ANSWER = re.compile(r"<think>.*?</think><final>(\d+)</final>")
 _PLAIN = re.compile(r"<final>(\d+)</final>")
 
 
-def arithmetic_pairs(max_operand: int) -> list[tuple[int, int]]:
-    """All pairs (a, b) with 0 <= a, b <= max_operand."""
-    return [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+def chat_prompts(tokenizer: PreTrainedTokenizerBase, max_operand: int) -> list[Prompt]:
+    """Every ``a+b=`` with 0 <= a, b <= max_operand, as the default run renders it: the
+    chat template around the default system prompt, instruction and question."""
+    width = max_operand + 1
+    data = ArithmeticDataConfig(min_operand=0, max_operand=max_operand, num_prompts=width * width, seed=0)
+    prompts = build_prompts(data, tokenizer)
+    return sorted(prompts, key=lambda p: _operands(p))
 
 
-def prompt_text(a: int, b: int) -> str:
-    return f"{a}+{b}="
+def _operands(prompt: Prompt) -> tuple[int, int]:
+    question = prompt.chat()[-1]["content"].rsplit(" ", 1)[-1]
+    a, b = question.removesuffix("=").split("+")
+    return int(a), int(b)
 
 
-def target_text(a: int, b: int) -> str:
-    """The response the model should write (the ``<eos>`` token follows it)."""
-    return f"<think></think><final>{a + b}</final>"
+def target_text(reference: str) -> str:
+    """The response the model should write (the end-of-turn token follows it)."""
+    return f"<think></think><final>{reference}</final>"
 
 
-def plain_target_text(a: int, b: int) -> str:
+def plain_target_text(reference: str) -> str:
     """The bare answer style the pre-training mixes in (no think block: the reward rejects it)."""
-    return f"<final>{a + b}</final>"
+    return f"<final>{reference}</final>"
 
 
 def build_sft_batch(
-    tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[int, int]], plain: list[bool] | None = None
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], plain: list[bool] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Left-padded ``prompt + target + <eos>`` sequences; labels only on the response.
+    """Left-padded ``prompt + target + <|end|>`` sequences; labels only on the response.
 
     ``plain[i]`` picks the bare answer style for row i (default: the SO8T format everywhere)."""
     rows = []
-    plain = plain or [False] * len(pairs)
-    for (a, b), bare in zip(pairs, plain):
-        prompt = tokenizer(prompt_text(a, b), add_special_tokens=False).input_ids
-        target = plain_target_text(a, b) if bare else target_text(a, b)
+    plain = plain or [False] * len(prompts)
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    for prompt, bare in zip(prompts, plain):
+        target = plain_target_text(prompt.reference) if bare else target_text(prompt.reference)
         response = tokenizer(target, add_special_tokens=False).input_ids
-        rows.append((prompt, response + [tokenizer.eos_token_id]))
+        rows.append((list(prompt.input_ids), response + [end_id]))
     width = max(len(p) + len(r) for p, r in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -93,46 +112,44 @@ def build_sft_batch(
 def evaluate_greedy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: list[tuple[int, int]],
+    prompts: list[Prompt],
     max_new_tokens: int = 12,
 ) -> dict[str, float]:
-    """Greedy-decode each ``a+b=`` and score it.
+    """Greedy-decode each prompt and score it.
 
-    ``format_rate``: the response (up to ``<eos>``) has the answer format and ends with
-    ``<eos>``. ``accuracy``: the response is exactly the target followed by ``<eos>``.
+    ``format_rate``: the response (up to a stop token) has the answer format and ends with
+    a stop token. ``accuracy``: the response is exactly the target followed by a stop.
     ``answer_accuracy``: the sum is right in either style; ``well_formed``: either style.
     """
     was_training = model.training
     model.eval()
-    enc = tokenizer(
-        [prompt_text(a, b) for a, b in pairs],
-        add_special_tokens=False,
-        padding=True,
-        return_tensors="pt",
-    ).to(model.device)
+    stops = stop_token_ids(tokenizer)
+    enc = tokenizer.pad({"input_ids": [list(p.input_ids) for p in prompts]}, return_tensors="pt").to(model.device)
     out = model.generate(
         **enc,
+        position_ids=positions_from_mask(enc.attention_mask),
         do_sample=False,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops,
     )
     responses = out[:, enc.input_ids.shape[1] :].tolist()
     formatted = correct = answered = well_formed = 0
-    for (a, b), ids in zip(pairs, responses):
-        if tokenizer.eos_token_id not in ids:
+    for prompt, ids in zip(prompts, responses):
+        ended = [i for i, t in enumerate(ids) if t in stops]
+        if not ended:
             continue  # never finished: neither formatted nor correct
-        text = tokenizer.decode(ids[: ids.index(tokenizer.eos_token_id)])
+        text = tokenizer.decode(ids[: ended[0]])
         if _ANSWER.fullmatch(text):
             formatted += 1
-        if text == target_text(a, b):
+        if text == target_text(prompt.reference):
             correct += 1
         if _ANSWER.fullmatch(text) or _PLAIN.fullmatch(text):
             well_formed += 1
-        if text in (target_text(a, b), plain_target_text(a, b)):
+        if text in (target_text(prompt.reference), plain_target_text(prompt.reference)):
             answered += 1
     model.train(was_training)
-    n = len(pairs)
+    n = len(prompts)
     return {"format_rate": formatted / n, "accuracy": correct / n, "answer_accuracy": answered / n,
             "well_formed": well_formed / n}
 
@@ -142,7 +159,7 @@ class PretrainSettings:
     seed: int = 0
     max_operand: int = 19  # training operands 0..max_operand
     eval_max_operand: int = 9  # the stopping criterion looks at operands 0..this
-    target_accuracy: float = 0.3  # stop once greedy answer accuracy on the eval pairs exceeds this
+    target_accuracy: float = 0.8  # stop once greedy answer accuracy on the eval pairs exceeds this
     min_format_rate: float = 0.9  # ... and the answer is (nearly) always well formed, either style
     plain_fraction: float = 0.7  # share of training targets in the bare style
     max_steps: int = 3000  # safety net; reaching it means the criterion was never met
@@ -158,11 +175,12 @@ def pretrain(settings: PretrainSettings) -> tuple[PreTrainedModel, PreTrainedTok
     model = Phi3ForCausalLM(build_tiny_config(tokenizer=tokenizer))
     model.train()
 
-    pairs = arithmetic_pairs(settings.max_operand)
-    # Every pair appears in both styles; the bare style is drawn with ``plain_fraction``.
-    train = build_sft_batch(tokenizer, pairs + pairs, [False] * len(pairs) + [True] * len(pairs))
-    style_weights = torch.tensor([1.0 - settings.plain_fraction] * len(pairs) + [settings.plain_fraction] * len(pairs))
-    eval_pairs = arithmetic_pairs(settings.eval_max_operand)
+    prompts = chat_prompts(tokenizer, settings.max_operand)
+    # Every question appears in both styles; the bare style is drawn with ``plain_fraction``.
+    train = build_sft_batch(tokenizer, prompts + prompts, [False] * len(prompts) + [True] * len(prompts))
+    style_weights = torch.tensor(
+        [1.0 - settings.plain_fraction] * len(prompts) + [settings.plain_fraction] * len(prompts))
+    eval_prompts = chat_prompts(tokenizer, settings.eval_max_operand)
     # A private generator so the data order depends only on the seed.
     order_rng = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
@@ -178,7 +196,7 @@ def pretrain(settings: PretrainSettings) -> tuple[PreTrainedModel, PreTrainedTok
         optimizer.step()
         step += 1
         if step % settings.eval_every == 0:
-            metrics = evaluate_greedy(model, tokenizer, eval_pairs)
+            metrics = evaluate_greedy(model, tokenizer, eval_prompts)
             log.debug("step %d loss %.4f %s", step, loss.item(), metrics)
             if (
                 metrics["answer_accuracy"] > settings.target_accuracy
@@ -197,9 +215,7 @@ def pretrain(settings: PretrainSettings) -> tuple[PreTrainedModel, PreTrainedTok
         "stopped_on_criterion": stopped_on_criterion,
         "final_loss": round(loss.item(), 4),
         f"eval_operands_0_{settings.eval_max_operand}": metrics,
-        f"eval_operands_0_{settings.max_operand}": evaluate_greedy(
-            model, tokenizer, arithmetic_pairs(settings.max_operand)
-        ),
+        f"eval_operands_0_{settings.max_operand}": evaluate_greedy(model, tokenizer, prompts),
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
     return model, tokenizer, report
@@ -208,8 +224,10 @@ def pretrain(settings: PretrainSettings) -> tuple[PreTrainedModel, PreTrainedTok
 def save_tiny(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, note: dict
 ) -> None:
-    """Write weights (safetensors), tokenizer files and a ``training.json`` note."""
+    """Write weights (safetensors), tokenizer files, the generation config with every stop
+    id, and a ``training.json`` note."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config = build_tiny_generation_config(tokenizer)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     # transformers 5 records its internal class name "TokenizersBackend"; the public alias

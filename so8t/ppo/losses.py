@@ -16,6 +16,7 @@ class LossParts:
     clip_fraction: torch.Tensor
     approx_kl: torch.Tensor
     value_clip_fraction: torch.Tensor
+    ratio_max_dev: torch.Tensor  # max |ratio - 1| over real tokens
 
 
 def ppo_losses(
@@ -49,7 +50,8 @@ def ppo_losses(
         clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask)
         approx_kl = masked_mean(0.5 * log_ratio**2, mask)
         value_clip_fraction = masked_mean(((values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask)
-    return LossParts(policy_loss, value_loss, clip_fraction, approx_kl, value_clip_fraction)
+        ratio_max_dev = ((ratio - 1.0).abs() * mask).max() if mask.numel() else ratio.new_zeros(())
+    return LossParts(policy_loss, value_loss, clip_fraction, approx_kl, value_clip_fraction, ratio_max_dev)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,15 @@
 
 Written by hand rather than with ``generate()``: PPO needs, for every sampled token, its
 log-probability at the training temperature and the value estimate of the state that
-produced it. Taking both from the sampling pass saves one full forward per update
-(DESIGN §8: they match a full recompute to |ratio - 1| < 5e-6 in fp32).
+produced it. In fp32 taking both from the sampling pass matches a full recompute to
+|ratio - 1| < 5e-6 and saves one forward per update; in bf16 or fp16, KV-cached one-token
+decoding and a full forward round differently, so the trainer recomputes them with its
+training forward (``ppo.recompute_old_logprobs``).
+
+A response ends at the first of any *stop token* (an instruct model ends its turn with an
+end-of-turn token such as Phi-3.5's ``<|end|>``, and its generation config lists several)
+or, optionally, once its text contains a *stop string*. The stop token is part of the
+response (its mask is 1): the policy chose to stop, and that choice is trained.
 """
 
 from __future__ import annotations
@@ -19,11 +26,36 @@ from so8t.model.policy import positions_from_mask
 class Rollout:
     query_ids: torch.Tensor  # (B, Lq), left-padded
     query_mask: torch.Tensor  # (B, Lq)
-    response_ids: torch.Tensor  # (B, R), pad after EOS
-    response_mask: torch.Tensor  # (B, R), 1 for real tokens including the EOS
+    response_ids: torch.Tensor  # (B, R), pad after the stop
+    response_mask: torch.Tensor  # (B, R), 1 for real tokens including the stop token
     logprobs: torch.Tensor  # (B, R), at the sampling temperature
     values: torch.Tensor  # (B, R), value of the state before each token
-    ended_with_eos: torch.Tensor  # (B,) bool
+    ended_with_stop: torch.Tensor  # (B,) bool: a stop token or stop string ended it
+
+
+class StopStrings:
+    """Ends a response once its decoded text contains one of ``strings``.
+
+    Hand-written because ``generate()``'s StopStringCriteria only works inside
+    ``generate()``. Only the last few tokens are decoded each step: a stop string of n
+    characters lies within the last n tokens that complete it (every token decodes to at
+    least one character, except special tokens, which are skipped).
+    """
+
+    def __init__(self, tokenizer, strings) -> None:
+        self.tokenizer = tokenizer
+        self.strings = [s for s in strings if s]
+        self.window = max((len(s) for s in self.strings), default=0) + 1
+
+    def hits(self, tokens: list[torch.Tensor], alive: torch.Tensor) -> torch.Tensor:
+        found = torch.zeros_like(alive)
+        if not self.strings:
+            return found
+        recent = torch.stack(tokens[-self.window:], dim=1).tolist()
+        for row in alive.nonzero().flatten().tolist():
+            text = self.tokenizer.decode(recent[row], skip_special_tokens=True)
+            found[row] = any(s in text for s in self.strings)
+        return found
 
 
 @torch.no_grad()
@@ -33,13 +65,19 @@ def sample_responses(
     query_mask: torch.Tensor,
     max_new_tokens: int,
     temperature: float,
-    eos_id: int,
+    stop_ids,
     pad_id: int,
     greedy: bool = False,
+    stop_strings: StopStrings | None = None,
 ) -> Rollout:
-    """Sample from the full distribution (top_k=0, top_p=1) at ``temperature``; stop at EOS."""
+    """Sample from the full distribution (top_k=0, top_p=1) at ``temperature``; a response
+    ends at any of ``stop_ids`` (or a stop string), else after ``max_new_tokens``."""
     batch = query_ids.shape[0]
     device = query_ids.device
+    stops = torch.tensor(sorted({int(i) for i in ([stop_ids] if isinstance(stop_ids, int) else stop_ids)}),
+                         dtype=torch.long, device=device)
+    if pad_id in stops.tolist():
+        raise ValueError(f"the pad token (id {pad_id}) cannot also be a stop token")
     positions = positions_from_mask(query_mask)
     # Logits and values only at the last query position: the first response token's.
     out = policy(query_ids, query_mask, position_ids=positions, use_cache=True, output_slice=slice(-1, None))
@@ -60,7 +98,10 @@ def sample_responses(
         logprobs.append(logp_all.gather(-1, token[:, None]).squeeze(-1).masked_fill(~alive, 0.0))
         values.append(out.values[:, -1].float())
         real.append(alive)
-        finished = finished | (token == eos_id)
+        ends = torch.isin(token, stops) & alive
+        if stop_strings is not None:
+            ends = ends | stop_strings.hits(tokens, alive)
+        finished = finished | ends
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
@@ -74,7 +115,7 @@ def sample_responses(
         response_mask=response_mask,
         logprobs=torch.stack(logprobs, dim=1) * response_mask,
         values=torch.stack(values, dim=1) * response_mask,
-        ended_with_eos=finished,
+        ended_with_stop=finished,
     )
 
 
@@ -93,8 +134,8 @@ def response_logits(policy, rollout: Rollout, rows: torch.Tensor | slice = slice
 def scaled_log_softmax(logits: torch.Tensor, temperature: float, pad_id: int | None) -> torch.Tensor:
     """Log-softmax at ``temperature`` with the pad token excluded.
 
-    Pad only fills positions after EOS; a sampled pad would end a response without EOS and
-    blur the response mask, so the policy never samples it. Training log-probs use the same
+    Pad only fills positions after the stop; a sampled pad would end a response without a
+    stop and blur the response mask, so the policy never samples it. Training log-probs use the same
     masking so that the ratio compares like with like.
     """
     logits = logits.float() / temperature
@@ -107,7 +148,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
                    pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of ``tokens`` at ``temperature`` and the full log-softmax (for entropy).
 
-    Positions after EOS hold the pad token, whose log-prob is -inf; they are zeroed here so
+    Positions after the stop hold the pad token, whose log-prob is -inf; they are zeroed here so
     that masked sums stay finite."""
     logp_all = scaled_log_softmax(logits, temperature, pad_id)
     logprobs = logp_all.gather(-1, tokens[..., None]).squeeze(-1)

@@ -1,8 +1,15 @@
-"""The PPO update for a causal LM policy with a value head (DESIGN §5).
+"""The PPO update for a causal LM policy with a value head.
 
 One update: sample a rollout batch, score it, turn scores and the per-token KL penalty
 into advantages with GAE, then run several epochs of clipped PPO over shuffled
 mini-batches, one optimizer step per mini-batch (gradients accumulated over micro-batches).
+
+Every forward that produces log-probs runs without dropout (``train_without_dropout``), so
+the PPO ratio compares like with like. Where the rollout's compute dtype is not fp32, the
+old log-probs and values are recomputed with the training forward itself, grouped exactly
+as the first PPO epoch's micro-batches, so the ratio of that first mini-batch is 1 by
+construction (KV-cached decoding and a full forward round differently in bf16/fp16); the
+reference pass then uses the same grouping, so the KL starts at 0 too.
 
 The trainer knows nothing of checkpoints, signals or files: it exposes its stateful parts
 and lets the caller act at step boundaries.
@@ -20,7 +27,7 @@ import torch
 
 from so8t.ppo.advantages import gae, masked_whiten, token_rewards
 from so8t.ppo.losses import ppo_losses
-from so8t.ppo.rollout import Rollout, response_logits, sample_responses, token_logprobs
+from so8t.ppo.rollout import Rollout, StopStrings, response_logits, sample_responses, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,8 @@ class ScoredRollout:
     returns: torch.Tensor
     kl: torch.Tensor
     stats: dict
+    first_order: torch.Tensor  # the first PPO epoch's shuffled row order
+    samples: list[dict]
 
 
 class PPOTrainer:
@@ -97,7 +106,14 @@ class PPOTrainer:
         gate_schedule=None,
         micro_batch_size: int | None = None,
         device: torch.device | str = "cpu",
+        stop_ids: list[int] | None = None,
+        skip_special_tokens: bool = True,
+        reward_normalizer=None,
+        grad_scaler=None,
+        samples_per_step: int = 4,
     ) -> None:
+        from so8t.model.stops import stop_token_ids
+
         self.policy = policy
         self.tokenizer = tokenizer
         self.prompts = prompts
@@ -111,10 +127,22 @@ class PPOTrainer:
         self.micro_batch_size = micro_batch_size or ppo_cfg.mini_batch_size
         self.device = torch.device(device)
         self.counters = Counters()
-        self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
-        if self.pad_id is None or self.pad_id == self.eos_id:
+        if self.pad_id is None or self.pad_id == tokenizer.eos_token_id:
             raise ValueError("the tokenizer needs a pad token distinct from EOS")
+        extra = getattr(self.cfg, "stop_token_ids", None)
+        self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(policy.base, tokenizer, extra)
+        strings = list(getattr(self.cfg, "stop_strings", None) or [])
+        self.stop_strings = StopStrings(tokenizer, strings) if strings else None
+        self.skip_special_tokens = skip_special_tokens
+        recompute = getattr(self.cfg, "recompute_old_logprobs", None)
+        if recompute is None:  # only where cached decoding and a full forward round differently
+            recompute = next(policy.base.parameters()).dtype != torch.float32
+        self.recompute_old_logprobs = bool(recompute)
+        self.reward_normalizer = reward_normalizer
+        self.grad_scaler = grad_scaler
+        self.samples_per_step = samples_per_step
+        self.samples: list[dict] = []  # a few episodes of the last update, for the run folder
 
     # ----------------------------------------------------------------- state
     def stateful_parts(self) -> dict[str, Any]:
@@ -129,6 +157,10 @@ class PPOTrainer:
         }
         if self.gate_schedule is not None:
             parts["gate_schedule"] = self.gate_schedule
+        if self.reward_normalizer is not None:
+            parts["reward_normalizer"] = self.reward_normalizer
+        if self.grad_scaler is not None:
+            parts["grad_scaler"] = self.grad_scaler
         return parts
 
     def _apply_gate(self) -> float | None:
@@ -139,44 +171,97 @@ class PPOTrainer:
         return gate
 
     # --------------------------------------------------------------- rollout
-    def _encode_queries(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    def _encode_queries(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # The prompts were rendered and encoded once (chat template or the tokenizer's own
+        # special tokens); here they are only left-padded into a batch.
+        enc = self.tokenizer.pad({"input_ids": [list(p.input_ids) for p in batch]}, padding=True,
+                                 return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def _decode_responses(self, rollout: Rollout) -> list[str]:
-        texts = []
+    def _decode_responses(self, rollout: Rollout) -> tuple[list[str], list[str]]:
+        """(completions for the reward terms, raw texts): the reward terms get the text
+        without the stop token and, with ``skip_special_tokens``, without special tokens
+        (such as a chat template's); the raw text keeps everything the policy wrote."""
+        stops = set(self.stop_ids)
+        completions, raw = [], []
         for ids, mask in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist()):
-            kept = [t for t, m in zip(ids, mask) if m and t not in (self.eos_id, self.pad_id)]
-            texts.append(self.tokenizer.decode(kept, skip_special_tokens=False))
-        return texts
+            kept = [t for t, m in zip(ids, mask) if m]
+            raw.append(self.tokenizer.decode(kept, skip_special_tokens=False))
+            if self.skip_special_tokens:
+                if kept and kept[-1] in stops:
+                    kept = kept[:-1]
+                completions.append(self.tokenizer.decode(kept, skip_special_tokens=True))
+            else:
+                completions.append(raw[-1])
+        return completions, raw
+
+    def _micro_batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """The first PPO epoch's micro-batches, in order: mini-batches of ``order``, each cut
+        into micro-batches (the grouping of :meth:`ppo_epoch`)."""
+        groups = []
+        for start in range(0, len(order), self.cfg.mini_batch_size):
+            mini = order[start : start + self.cfg.mini_batch_size]
+            groups += [mini[i : i + self.micro_batch_size] for i in range(0, len(mini), self.micro_batch_size)]
+        return groups
+
+    def _logprobs_and_values(self, rollout: Rollout, groups: list[torch.Tensor] | None):
+        """Log-probs and values of the rollout's own tokens under the current policy, one
+        forward per group of rows (None: the whole batch at once)."""
+        cfg = self.cfg
+        groups = groups if groups is not None else [slice(None)]
+        logprobs = torch.zeros_like(rollout.logprobs)
+        values = torch.zeros_like(rollout.values)
+        for rows in groups:
+            logits, vals, tokens = response_logits(self.policy, rollout, rows)
+            logprobs[rows] = token_logprobs(logits, tokens, cfg.temperature, self.pad_id)[0]
+            values[rows] = vals
+        mask = rollout.response_mask
+        return logprobs * mask, values * mask
 
     @torch.no_grad()
     def make_rollout(self) -> ScoredRollout:
         cfg = self.cfg
+        times = {}
+        began = time.perf_counter()
         self.policy.eval()
         batch = [self.prompts[i] for i in self.sampler.next_batch()]
-        query_ids, query_mask = self._encode_queries([p.text for p in batch])
+        query_ids, query_mask = self._encode_queries(batch)
         with self.policy.frozen_adapters():
             rollout = sample_responses(
-                self.policy, query_ids, query_mask, cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id
+                self.policy, query_ids, query_mask, cfg.max_new_tokens, cfg.temperature, self.stop_ids, self.pad_id,
+                stop_strings=self.stop_strings,
             )
-        with self.policy.reference():
-            ref_logits, _, tokens = response_logits(self.policy, rollout)
-            ref_logprobs = token_logprobs(ref_logits, tokens, cfg.temperature, self.pad_id)[0] * rollout.response_mask
+        first_order = torch.randperm(rollout.response_ids.shape[0], device=self.device)
+        times["time/sampling"] = time.perf_counter() - began
 
-        completions = self._decode_responses(rollout)
-        eos = rollout.ended_with_eos.tolist()
+        groups = None
+        if self.recompute_old_logprobs:
+            began = time.perf_counter()
+            groups = self._micro_batches(first_order)
+            self.policy.train_without_dropout()
+            rollout.logprobs, rollout.values = self._logprobs_and_values(rollout, groups)
+            self.policy.eval()
+            times["time/recompute"] = time.perf_counter() - began
+        began = time.perf_counter()
+        with self.policy.reference():
+            ref_logprobs, _ = self._logprobs_and_values(rollout, groups)
+        times["time/reference"] = time.perf_counter() - began
+
+        completions, raw_texts = self._decode_responses(rollout)
+        ended = rollout.ended_with_stop.tolist()
         num_tokens = rollout.response_mask.sum(1).tolist()
         reward = self.reward_fn(
             completions=completions,
             prompts=[p.text for p in batch],
             references=[p.reference for p in batch],
-            eos=eos,
+            eos=ended,
             num_tokens=num_tokens,
             max_new_tokens=cfg.max_new_tokens,
+            messages=[p.chat() for p in batch],
         )
         raw = torch.tensor(reward.total, dtype=torch.float32, device=self.device)
-        scores = raw - cfg.missing_eos_penalty * (~rollout.ended_with_eos).float()
+        total = self.reward_normalizer(raw) if self.reward_normalizer is not None else raw
+        scores = total - cfg.missing_eos_penalty * (~rollout.ended_with_stop).float()
 
         mask = rollout.response_mask.float()
         rewards, kl = token_rewards(scores, rollout.logprobs, ref_logprobs, mask, self.kl_controller.value)
@@ -191,12 +276,18 @@ class PPOTrainer:
             "kl/mean": float(kl.sum(1).mean()),
             "kl/coef": float(self.kl_controller.value),
             "response/length": float(mask.sum(1).mean()),
-            "response/eos_rate": float(rollout.ended_with_eos.float().mean()),
+            "response/eos_rate": float(rollout.ended_with_stop.float().mean()),
+            "value/explained_variance": explained_variance(rollout.values, returns, mask),
+            **times,
         }
         for name, mean in reward.means().items():
             if mean is not None:  # a term that scored nothing (None everywhere) is not logged
                 stats[f"reward/{name}"] = mean
-        return ScoredRollout(rollout, ref_logprobs, scores, advantages, returns, kl, stats)
+        samples = [
+            {"prompt": p.text, "raw": r, "completion": c, "reward": t, "ended_with_stop": e}
+            for p, r, c, t, e in zip(batch, raw_texts, completions, reward.total, ended)
+        ][: self.samples_per_step]
+        return ScoredRollout(rollout, ref_logprobs, scores, advantages, returns, kl, stats, first_order, samples)
 
     # ------------------------------------------------------------------ PPO
     def _micro_batch_loss(self, scored: ScoredRollout, rows: torch.Tensor, token_weight: float):
@@ -226,30 +317,45 @@ class PPOTrainer:
         loss = parts.policy_loss + cfg.vf_coef * parts.value_loss
         if cfg.ent_coef != 0:
             loss = loss - cfg.ent_coef * entropy_sum * token_weight
-        return loss, parts, entropy_sum.detach()
+        return loss, parts, entropy_sum.detach(), float(mask.sum())
 
-    def ppo_epoch(self, scored: ScoredRollout, stats: dict[str, list[float]]) -> None:
+    def ppo_epoch(self, scored: ScoredRollout, stats: dict[str, list[float]], order: torch.Tensor | None = None) -> None:
         cfg = self.cfg
         n = scored.rollout.response_ids.shape[0]
-        order = torch.randperm(n, device=self.device)
+        order = order if order is not None else torch.randperm(n, device=self.device)
+        scaler = self.grad_scaler
         for start in range(0, n, cfg.mini_batch_size):
             mini = order[start : start + cfg.mini_batch_size]
             tokens_in_mini = float(scored.rollout.response_mask[mini].sum().clamp(min=1))
             self.optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
             clip, approx_kl = [], []
+            kl_sum, max_dev = 0.0, 0.0
             for micro_start in range(0, len(mini), self.micro_batch_size):
                 rows = mini[micro_start : micro_start + self.micro_batch_size]
-                loss, parts, entropy_sum = self._micro_batch_loss(scored, rows, 1.0 / tokens_in_mini)
-                loss.backward()
+                loss, parts, entropy_sum, tokens = self._micro_batch_loss(scored, rows, 1.0 / tokens_in_mini)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 totals["loss"] += float(loss.detach())
                 totals["policy_loss"] += float(parts.policy_loss.detach())
                 totals["value_loss"] += float(parts.value_loss.detach())
                 totals["entropy"] += float(entropy_sum) / tokens_in_mini
                 clip.append(float(parts.clip_fraction))
                 approx_kl.append(float(parts.approx_kl))
+                kl_sum += float(parts.approx_kl) * tokens
+                max_dev = max(max_dev, float(parts.ratio_max_dev))
+            if "ppo/ratio_max_dev_start" not in stats:
+                # The first mini-batch of the first epoch: before any step, so the ratio is
+                # 1 wherever the old log-probs came from the training forward itself.
+                stats["ppo/ratio_max_dev_start"] = [max_dev]
+                stats["ppo/approx_kl_start"] = [kl_sum / tokens_in_mini]
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
+            if scaler is not None:
+                scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                self.optimizer.step()
             for key, value in totals.items():
                 stats.setdefault(key, []).append(value)
             stats.setdefault("clip_fraction", []).append(sum(clip) / len(clip))
@@ -257,17 +363,20 @@ class PPOTrainer:
             stats.setdefault("grad_norm", []).append(float(grad_norm))
 
     def train_step(self, on_epoch: Callable[[int], None] | None = None) -> dict:
-        """One PPO update. Returns the metrics row for this step (without wall-clock keys)."""
+        """One PPO update. Returns the metrics row for this step (phase times included)."""
         started = time.perf_counter()
         gate = self._apply_gate()
         scored = self.make_rollout()
-        self.policy.train()
+        self.samples = scored.samples
+        ppo_began = time.perf_counter()
+        self.policy.train_without_dropout()
         stats: dict[str, list[float]] = {}
         for epoch in range(self.cfg.ppo_epochs):
-            self.ppo_epoch(scored, stats)
+            self.ppo_epoch(scored, stats, scored.first_order if epoch == 0 else None)
             if on_epoch is not None:
                 on_epoch(epoch)
         self.policy.eval()
+        ppo_time = time.perf_counter() - ppo_began
         lr = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler.step()
         self.kl_controller.update(scored.stats["kl/mean"], scored.rollout.response_ids.shape[0])
@@ -286,9 +395,25 @@ class PPOTrainer:
         row["tokens"] = self.counters.tokens
         if gate is not None:
             row["adapter/gate"] = gate
+        if self.grad_scaler is not None:
+            row["loss/scale"] = float(self.grad_scaler.get_scale())
+        row["time/ppo"] = ppo_time
         row["time/step"] = step_time
         row["time/training"] = self.counters.training_time
         for key, value in row.items():
             if isinstance(value, float) and not math.isfinite(value):
                 log.warning("step %d: %s is %s", self.counters.step, key, value)
         return row
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens: 1 when the value head
+    predicts the returns, 0 when it predicts no better than their mean, < 0 when worse."""
+    from so8t.ppo.advantages import masked_mean
+
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    error = returns - values
+    var_error = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    if float(var_returns) == 0.0:
+        return 0.0
+    return float(1.0 - var_error / var_returns)

@@ -128,6 +128,7 @@ class RewardFunction:
         eos: list[bool],
         num_tokens: list[int],
         max_new_tokens: int,
+        messages: list[list[dict[str, str]] | None] | None = None,
     ) -> RewardResult:
         n = len(completions)
         inputs = {"prompts": prompts, "references": references, "eos": eos, "num_tokens": num_tokens}
@@ -141,6 +142,7 @@ class RewardFunction:
             "eos": [bool(e) for e in eos],
             "num_tokens": [int(c) for c in num_tokens],
             "max_new_tokens": int(max_new_tokens),
+            "messages": list(messages) if messages is not None else [None] * n,
         }
         as_messages = None
         total = [0.0] * n

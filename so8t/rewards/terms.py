@@ -23,6 +23,7 @@ STANDARD_ARGS = (
     "eos",
     "num_tokens",
     "max_new_tokens",
+    "messages",
 )
 
 
