@@ -1,6 +1,6 @@
 """The reward-model term against a small random sequence-classification model saved to a
 folder: its scores are the model's, batching and padding do not change them, it renders chat
-templates and refuses broken folders naming the key."""
+templates, refuses broken folders naming the key, and the running reward normaliser."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from so8t.config.schema import RewardConfig, RewardTermConfig
 from so8t.errors import ModelNotAvailableError, SetupError
 from so8t.model.tiny import build_tiny_tokenizer
 from so8t.rewards import build_reward, check_reward_config
+from so8t.rewards.normalize import EPS, RewardNormalizer
 from so8t.rewards.reward_model import RewardModelTerm
 
 KEY = "reward.terms.reward_model.kwargs"
@@ -367,3 +368,83 @@ def test_cli_trains_with_a_reward_model(tmp_path, plain_rm):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["reward/reward_model"]) for r in rows)
     assert rows[0]["reward/reward_model"] != 0.0
+
+
+# --------------------------------------------------------------------------- normaliser
+
+
+def batches(seed: int = 0, sizes=(8, 3, 5, 8)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g) * 3.0 + 2.0 for n in sizes]
+
+
+def test_disabled_normalizer_is_the_identity():
+    norm = RewardNormalizer(enabled=False)
+    for batch in batches():
+        assert torch.equal(norm(batch), batch)
+    assert norm.state_dict() == {"count": 0, "mean": 0.0, "m2": 0.0}
+
+
+def test_normalizer_uses_the_mean_and_std_of_everything_seen():
+    norm = RewardNormalizer(enabled=True)
+    seen: list[torch.Tensor] = []
+    for batch in batches():
+        out = norm(batch)
+        seen.append(batch)
+        history = torch.cat(seen).double()
+        assert norm.count == history.numel()
+        assert norm.mean == pytest.approx(float(history.mean()), rel=1e-12)
+        assert norm.std == pytest.approx(float(history.std(correction=0)), rel=1e-12)
+        expected = (batch.double() - history.mean()) / torch.sqrt(history.var(correction=0) + EPS)
+        assert out.dtype == batch.dtype
+        assert torch.allclose(out.double(), expected, atol=1e-6)
+
+
+def test_normalizer_state_round_trip_gives_identical_future_outputs(tmp_path):
+    first, *rest = batches(seed=3, sizes=(8, 8, 4, 8, 8))
+    uninterrupted = RewardNormalizer(enabled=True, clip=1.5)
+    uninterrupted(first)
+    uninterrupted(rest[0])
+    torch.save(uninterrupted.state_dict(), tmp_path / "state.pt")
+    resumed = RewardNormalizer(enabled=True, clip=1.5)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt"))
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    for batch in rest[1:]:
+        assert torch.equal(resumed(batch), uninterrupted(batch))
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    # A fresh normaliser (no restored statistics) would have normalised differently.
+    assert not torch.equal(RewardNormalizer(enabled=True)(rest[1]), uninterrupted(rest[1]))
+
+
+def test_clipping_bounds_the_normalised_and_the_raw_reward():
+    spread = torch.tensor([-100.0, 0.0, 0.0, 0.0, 0.0, 0.0, 100.0])
+    clipped = RewardNormalizer(enabled=True, clip=1.0)(spread)
+    assert clipped.abs().max() == 1.0 and clipped[0] == -1.0 and clipped[-1] == 1.0
+    raw = RewardNormalizer(enabled=False, clip=2.0)(torch.tensor([-5.0, 0.5, 5.0]))
+    assert raw.tolist() == [-2.0, 0.5, 2.0]
+
+
+def test_normalizer_refuses_bad_clip_state_and_input():
+    for clip in (0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="reward.clip"):
+            RewardNormalizer(enabled=True, clip=clip)
+    norm = RewardNormalizer(enabled=True)
+    with pytest.raises(ValueError, match="keys"):
+        norm.load_state_dict({"count": 1, "mean": 0.0})
+    with pytest.raises(ValueError, match="count"):
+        norm.load_state_dict({"count": -1, "mean": 0.0, "m2": 0.0})
+    with pytest.raises(ValueError, match="non-finite"):
+        norm(torch.tensor([1.0, math.nan]))
+
+
+def test_reward_clip_must_be_positive_in_the_config():
+    from hydra import compose, initialize_config_dir
+
+    from so8t.config import register
+    from so8t.config.validate import ConfigValidationError, validate
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["reward.clip=0", "reward.normalize=true"])
+    with pytest.raises(ConfigValidationError, match=r"reward\.clip=0\.0 must be > 0"):
+        validate(cfg)

@@ -104,6 +104,10 @@ class RewardConfig:
     # a term from the command line (OmegaConf cannot create a typed dict entry from a path).
     # so8t.config.validate checks each term's keys against RewardTermConfig.
     terms: Dict[str, Any] = field(default_factory=dict)
+    # Normalise the total reward by its running mean/std (so8t.rewards.normalize).
+    normalize: bool = False
+    # Clip the (normalised) total reward to [-clip, clip]; null: no clipping.
+    clip: Optional[float] = None
 
 
 @dataclass
