@@ -336,9 +336,8 @@ def test_hub_id_absent_from_the_cache_is_refused_with_the_policy_wording(tmp_pat
     assert "not in the local Hugging Face cache" in message and "local_files_only=true" in message
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 def test_cuda_device_without_cuda_is_refused(plain_rm):
-    if torch.cuda.is_available():
-        return  # the refusal needs a machine without CUDA; the scores tests cover this one
     with pytest.raises(SetupError, match=rf"{KEY}\.device=cuda but CUDA is not available"):
         build_reward(term_cfg(plain_rm[0], device="cuda"))
 
