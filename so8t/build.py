@@ -80,6 +80,7 @@ def build_components(cfg) -> Components:
     from so8t.ppo.schedules import build_lr_scheduler
     from so8t.ppo.trainer import PPOTrainer
     from so8t.rewards import build_reward
+    from so8t.rewards.normalize import RewardNormalizer
 
     device, dtype = configure_hardware(cfg.hardware)
     seed_everything(cfg.seed)
@@ -117,6 +118,9 @@ def build_components(cfg) -> Components:
         device=device,
         skip_special_tokens=cfg.reward.skip_special_tokens,
         grad_scaler=grad_scaler,
+        # Always a checkpointed part (the identity when off), so switching it on or off on a
+        # resume finds the state it expects.
+        reward_normalizer=RewardNormalizer(cfg.reward.normalize, cfg.reward.clip),
         samples_per_step=cfg.logger.samples_per_step,
     )
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())

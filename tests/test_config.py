@@ -29,7 +29,8 @@ GROUP_OPTIONS = [
     for option in _options(group)
 ]
 # Options that need a value the user must supply before they validate.
-REQUIRED = {("model", "local"): ["model.path=/some/folder"], ("data", "jsonl"): ["data.path=prompts.jsonl"]}
+REQUIRED = {("model", "local"): ["model.path=/some/folder"], ("data", "jsonl"): ["data.path=prompts.jsonl"],
+            ("reward", "model"): ["reward.terms.reward_model.kwargs.path=/some/folder"]}
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])

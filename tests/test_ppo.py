@@ -298,3 +298,18 @@ def test_an_update_moves_only_the_trainable_parameters():
             assert torch.equal(v, base_before[k]), k
     after = trainer.policy.trainable_state_dict()
     assert any(not torch.equal(after[k], trainable_before[k]) for k in after)
+
+
+def test_reward_normalisation_is_applied_before_the_stop_penalty_and_checkpointed():
+    torch.manual_seed(0)
+    trainer = _trainer("ppo.rollout_batch_size=16", "reward.normalize=true", "reward.clip=1.5")
+    normalizer = trainer.stateful_parts()["reward_normalizer"]
+    scored = trainer.make_rollout()
+    ro = scored.rollout
+    total = scored.scores + trainer.cfg.missing_eos_penalty * (~ro.ended_with_stop).float()
+    # After the first batch the running statistics are that batch's: normalised to mean 0.
+    assert normalizer.count == 16
+    assert float(total.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(total.abs().max()) <= 1.5 + 1e-6
+    assert scored.stats["reward/mean"] != pytest.approx(0.0, abs=1e-3)  # the logged reward is the raw one
+    assert set(normalizer.state_dict()) == {"count", "mean", "m2"}

@@ -109,6 +109,10 @@ class RewardConfig:
     # so8t.config.validate checks each term's keys against RewardTermConfig.
     terms: Dict[str, Any] = field(default_factory=dict)
     skip_special_tokens: bool = True
+    # Normalise the total reward by its running mean/std (so8t.rewards.normalize).
+    normalize: bool = False
+    # Clip the (normalised) total reward to [-clip, clip]; null: no clipping.
+    clip: Optional[float] = None
 
 
 # The tiny default's request for the rewarded format; its words are in the tiny vocabulary.

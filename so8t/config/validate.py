@@ -165,6 +165,7 @@ def _check_reward(cfg: DictConfig, problems: list[str]) -> None:
     from so8t.rewards import check_reward_config
 
     problems.extend(check_reward_config(cfg.reward))
+    _positive(cfg, "reward.clip", problems)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -14,7 +14,47 @@ Configuration
 
 The total reward of a completion is ``sum(weight * score)``; a weight of 0 keeps a term in
 the logs without letting it shape training. Built-in terms (``so8t.rewards.terms``):
-``format``, ``exact_match``, ``eos``, ``length``.
+``format``, ``exact_match``, ``eos``, ``length``, ``reward_model``.
+
+``reward.normalize`` and ``reward.clip`` optionally normalise the total by its running
+mean and standard deviation and clip it (``so8t.rewards.normalize.RewardNormalizer``).
+
+Reward models
+-------------
+The built-in ``reward_model`` term scores prompt + completion with an
+``AutoModelForSequenceClassification`` (``conf/reward/model.yaml`` is a preset)::
+
+    reward:
+      terms:
+        format: {weight: 0.2}
+        reward_model:
+          weight: 1.0
+          kwargs:
+            path: /models/my-reward-model   # a save_pretrained folder, or a hub id in the local cache
+            device: cpu                     # cpu, cuda, cuda:N or auto (cuda when there is one)
+            dtype: float32                  # float32, bfloat16 or float16
+            batch_size: 8                   # completions per forward pass
+            max_length: 1024                # longer texts keep their last max_length tokens
+            label_index: 0                  # which logit is the score
+            local_files_only: true          # never download
+            trust_remote_code: false
+
+Only ``path`` is required. The model is loaded once, when the reward is built; validation
+checks the options without loading it. With a chat template on the reward model's tokenizer
+and chat messages for the prompt, the model reads its own rendering of the conversation;
+otherwise the prompt text followed by the completion (details in
+``so8t.rewards.reward_model``). A second reward model is another term with
+``_target_: so8t.rewards.reward_model.RewardModelTerm``.
+
+Classes as terms
+----------------
+A ``_target_`` (or a built-in) that is a class is instantiated once per run with the term's
+``kwargs`` as keyword arguments, and the instance is called like a reward function - the
+way to keep a model or other expensive state between calls. Validation does not instantiate
+it: it checks the kwargs against the constructor's signature, or calls the class's
+``check_options(kwargs) -> list[str]`` when it has one (then its messages, and those of the
+errors its constructor raises, start with the option's name). A ValueError, SetupError or
+ModelNotAvailableError from the constructor refuses the run (exit code 2) naming the term.
 
 Writing a reward function
 -------------------------
@@ -28,7 +68,11 @@ Arguments it receives (take the ones you need, and always accept ``**kwargs`` so
 arguments added later do not break it):
 
 * ``completions`` – ``list[str]``, the decoded responses, truncated after EOS;
-* ``prompts`` – ``list[str]``, the prompt texts;
+* ``prompts`` – ``list[str]``, the prompt texts, exactly as the policy was given them (after
+  its chat template, when it has one);
+* ``messages`` – for each prompt its chat messages, a list of ``{"role", "content"}`` dicts
+  (system/user turns, no assistant turn), or None (the whole argument) when the prompt
+  source has none;
 * ``references`` – ``list[str | None]``, the reference answers (None where a prompt has none);
 * ``solution`` – the same list as ``references``, under the name TRL's reward functions use;
 * ``eos`` – ``list[bool]``, whether each response ended with the EOS token;
@@ -56,12 +100,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from so8t.errors import ModelNotAvailableError, SetupError
 from so8t.rewards.format import ParsedAnswer, parse_answer
-from so8t.rewards.terms import BUILTIN_OPTION_CHECKS, BUILTIN_TERMS, STANDARD_ARGS
+from so8t.rewards.terms import BUILTIN_CLASSES, BUILTIN_OPTION_CHECKS, BUILTIN_TERMS, STANDARD_ARGS
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BUILTIN_CLASSES",
     "BUILTIN_TERMS",
     "ParsedAnswer",
     "RewardFunction",
@@ -132,17 +178,19 @@ class RewardFunction:
     ) -> RewardResult:
         n = len(completions)
         inputs = {"prompts": prompts, "references": references, "eos": eos, "num_tokens": num_tokens}
+        if messages is not None:
+            inputs["messages"] = messages
         for arg_name, values in inputs.items():
             if len(values) != n:
                 raise ValueError(f"reward: got {n} completions but {len(values)} {arg_name}")
         common = {
             "prompts": list(prompts),
+            "messages": None if messages is None else list(messages),
             "references": list(references),
             "solution": list(references),
             "eos": [bool(e) for e in eos],
             "num_tokens": [int(c) for c in num_tokens],
             "max_new_tokens": int(max_new_tokens),
-            "messages": list(messages) if messages is not None else [None] * n,
         }
         as_messages = None
         total = [0.0] * n
@@ -205,9 +253,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _resolve_terms(reward_cfg: Any) -> tuple[list[RewardTerm], list[str]]:
-    """Build every term it can and collect a message for each problem, naming its key."""
-    terms: list[RewardTerm] = []
+@dataclass(frozen=True)
+class _TermSpec:
+    """A checked term before it is built: classes are instantiated only by build_reward."""
+
+    name: str
+    key: str
+    fn: Callable[..., Any]
+    weight: float
+    options: dict[str, Any]
+    is_class: bool
+    conversational: bool
+
+
+def _missing_options(key: str, term_cfg: Any) -> list[str]:
+    """``???`` values in a term's kwargs (a preset's required option left unset)."""
+    from omegaconf import OmegaConf
+
+    node = _get(term_cfg, "kwargs")
+    if not OmegaConf.is_config(node) or not hasattr(node, "keys"):
+        return []
+    return [f"{key}.kwargs.{name} must be set (it is ???)" for name in node.keys() if OmegaConf.is_missing(node, name)]
+
+
+def _resolve_terms(reward_cfg: Any) -> tuple[list[_TermSpec], list[str]]:
+    """Check every term and collect a message for each problem, naming its key.
+
+    Nothing is built here: a class term (one that holds a model) is only checked.
+    """
+    specs: list[_TermSpec] = []
     errors: list[str] = []
     terms_cfg = _get(reward_cfg, "terms") or {}
     if not terms_cfg:
@@ -222,6 +296,8 @@ def _resolve_terms(reward_cfg: Any) -> tuple[list[RewardTerm], list[str]]:
         elif not math.isfinite(weight):
             errors.append(f"{key}.weight must be finite, got {weight}")
 
+        missing = _missing_options(key, term_cfg)
+        errors.extend(missing)
         options = _plain(_get(term_cfg, "kwargs")) or {}
         if not isinstance(options, Mapping):
             errors.append(f"{key}.kwargs must be a mapping, got {options!r}")
@@ -239,27 +315,35 @@ def _resolve_terms(reward_cfg: Any) -> tuple[list[RewardTerm], list[str]]:
         elif name in BUILTIN_TERMS:
             fn = BUILTIN_TERMS[name]
             _check_builtin_options(key, name, fn, options, errors)
+        elif name in BUILTIN_CLASSES:
+            fn = BUILTIN_CLASSES[name]
         else:
+            builtins = sorted(BUILTIN_TERMS) + sorted(BUILTIN_CLASSES)
             errors.append(
                 f"{key}: unknown built-in reward term '{name}'. Built-in terms: "
-                f"{', '.join(sorted(BUILTIN_TERMS))}; or set {key}._target_ to the dotted "
+                f"{', '.join(builtins)}; or set {key}._target_ to the dotted "
                 "path of a reward function"
             )
-        if fn is not None and target:
+        is_class = inspect.isclass(fn)
+        if is_class and not missing:
+            _check_class_options(key, fn, options, errors)
+        elif fn is not None and target:
             _check_signature(key, fn, errors)
 
         if fn is not None and len(errors) == before:
             module = getattr(fn, "__module__", None) or ""
-            terms.append(
-                RewardTerm(
+            specs.append(
+                _TermSpec(
                     name=str(name),
+                    key=key,
                     fn=fn,
                     weight=float(weight),
-                    kwargs=options,
+                    options=options,
+                    is_class=is_class,
                     conversational=module == "trl" or module.startswith("trl."),
                 )
             )
-    return terms, errors
+    return specs, errors
 
 
 def _load_target(key: str, target: str, errors: list[str]) -> Callable[..., Any] | None:
@@ -308,19 +392,57 @@ def _check_builtin_options(
         errors.extend(f"{key}.kwargs: {problem}" for problem in check(options))
 
 
+def _check_class_options(key: str, cls: type, options: dict, errors: list[str]) -> None:
+    """Check a class term's kwargs without instantiating it (that may load a model)."""
+    check = getattr(cls, "check_options", None)
+    if callable(check):
+        errors.extend(f"{key}.kwargs.{problem}" for problem in check(options))
+    else:
+        try:
+            inspect.signature(cls).bind(**options)
+        except TypeError as exc:
+            errors.append(f"{key}.kwargs: {cls.__qualname__} cannot be built with these options: {exc}")
+        except ValueError:
+            pass  # no signature to compare with; instantiation will tell
+    _check_signature(key, cls.__call__, errors)
+
+
+def _build_term(spec: _TermSpec) -> RewardTerm:
+    fn, kwargs = spec.fn, spec.options
+    if spec.is_class:
+        # Classes with check_options start their messages with the option's name.
+        where = f"{spec.key}.kwargs." if callable(getattr(spec.fn, "check_options", None)) else f"{spec.key}: "
+        try:
+            fn = spec.fn(**spec.options)
+        except ModelNotAvailableError as exc:
+            raise ModelNotAvailableError(f"{where}{exc}") from exc
+        except (SetupError, ValueError) as exc:
+            raise SetupError(f"{where}{exc}") from exc
+        kwargs = {}  # the options went to the constructor
+    return RewardTerm(
+        name=spec.name, fn=fn, weight=spec.weight, kwargs=kwargs, conversational=spec.conversational
+    )
+
+
 def check_reward_config(reward_cfg: Any) -> list[str]:
     """Problems with a reward config, without running any term (empty list when fine).
 
-    Imports each ``_target_`` so that a wrong path is reported before any model is built.
+    Imports each ``_target_`` so that a wrong path is reported before any model is built;
+    class terms (such as ``reward_model``) are checked, not instantiated.
     """
     return _resolve_terms(reward_cfg)[1]
 
 
 def build_reward(reward_cfg: Any) -> RewardFunction:
-    """Build the weighted reward from ``reward_cfg`` (a DictConfig, dict or RewardConfig)."""
-    terms, errors = _resolve_terms(reward_cfg)
+    """Build the weighted reward from ``reward_cfg`` (a DictConfig, dict or RewardConfig).
+
+    Class terms are instantiated here, once, after the whole config was found valid; a model
+    that cannot be loaded raises ModelNotAvailableError, other refusals SetupError, each
+    naming the term's key.
+    """
+    specs, errors = _resolve_terms(reward_cfg)
     if errors:
         raise ValueError("invalid reward config:\n  " + "\n  ".join(errors))
-    reward = RewardFunction(terms)
+    reward = RewardFunction([_build_term(spec) for spec in specs])
     log.info("reward: %s", reward)
     return reward

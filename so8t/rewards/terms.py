@@ -11,6 +11,7 @@ import logging
 from typing import Callable
 
 from so8t.rewards.format import parse_answer
+from so8t.rewards.reward_model import RewardModelTerm
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 STANDARD_ARGS = (
     "completions",
     "prompts",
+    "messages",
     "references",
     "solution",
     "eos",
@@ -95,6 +97,12 @@ BUILTIN_TERMS: dict[str, Callable[..., list]] = {
     "exact_match": exact_match_reward,
     "eos": eos_reward,
     "length": length_penalty,
+}
+
+# Built-in terms that hold a model: classes built once per run with the term's kwargs; the
+# instance is then called like a function. Their options are checked by their ``check_options``.
+BUILTIN_CLASSES: dict[str, type] = {
+    "reward_model": RewardModelTerm,
 }
 
 # Option checks for built-ins whose option values can be wrong (names are checked for all).
