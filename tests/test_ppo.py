@@ -301,15 +301,21 @@ def test_an_update_moves_only_the_trainable_parameters():
 
 
 def test_reward_normalisation_is_applied_before_the_stop_penalty_and_checkpointed():
-    torch.manual_seed(0)
-    trainer = _trainer("ppo.rollout_batch_size=16", "reward.normalize=true", "reward.clip=1.5")
+    def first_scores(*overrides):
+        torch.manual_seed(0)
+        trainer = _trainer("ppo.rollout_batch_size=16", *overrides)
+        scored = trainer.make_rollout()
+        ended = scored.rollout.ended_with_stop
+        return trainer, scored, scored.scores + trainer.cfg.missing_eos_penalty * (~ended).float()
+
+    trainer, scored, total = first_scores("reward.normalize=true")
     normalizer = trainer.stateful_parts()["reward_normalizer"]
-    scored = trainer.make_rollout()
-    ro = scored.rollout
-    total = scored.scores + trainer.cfg.missing_eos_penalty * (~ro.ended_with_stop).float()
-    # After the first batch the running statistics are that batch's: normalised to mean 0.
-    assert normalizer.count == 16
+    # After the first batch the running statistics are that batch's: normalised to mean 0, std 1.
+    assert normalizer.count == 16 and set(normalizer.state_dict()) == {"count", "mean", "m2"}
     assert float(total.mean()) == pytest.approx(0.0, abs=1e-5)
-    assert float(total.abs().max()) <= 1.5 + 1e-6
+    assert float(total.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
     assert scored.stats["reward/mean"] != pytest.approx(0.0, abs=1e-3)  # the logged reward is the raw one
-    assert set(normalizer.state_dict()) == {"count", "mean", "m2"}
+    _, _, clipped = first_scores("reward.normalize=true", "reward.clip=0.5")
+    assert float(clipped.abs().max()) == pytest.approx(0.5)
+    _, plain, raw = first_scores()
+    assert float(raw.mean()) == pytest.approx(plain.stats["reward/mean"], abs=1e-6)  # off: untouched
