@@ -142,3 +142,31 @@ def test_a_missing_prompt_file_is_refused_naming_the_key(tmp_path):
     proc = run_cli(tmp_path, "data=jsonl", "data.path=missing.jsonl")
     assert proc.returncode == 2
     assert "data.path" in proc.stdout + proc.stderr and "missing.jsonl" in proc.stdout + proc.stderr
+
+
+def _broken_model_folder(folder: Path, problem: str) -> Path:
+    import torch
+    from transformers import Phi3ForCausalLM
+
+    from so8t.model.tiny import build_tiny_config, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    hidden = 36 if problem == "hidden size" else 32
+    torch.manual_seed(0)
+    Phi3ForCausalLM(build_tiny_config(hidden_size=hidden, num_heads=4, num_layers=1, tokenizer=tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if problem == "no weights":
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("problem,needle", [
+    ("no weights", "the folder has a config.json but no weights"),
+    ("hidden size", "adapter=so8 does not fit the model"),
+])
+def test_a_broken_model_folder_is_refused_naming_it(tmp_path, problem, needle):
+    folder = _broken_model_folder(tmp_path / "model", problem)
+    proc = run_cli(tmp_path, "model=local", f"model.path={folder}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert needle in out and str(folder) in out and "Traceback" not in out
