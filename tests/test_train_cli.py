@@ -62,7 +62,11 @@ def test_default_run_reward_rises(default_run):
 def test_load_policy_rebuilds_final_and_generates(default_run):
     cwd, _, _ = default_run
     policy = so8t.load_policy(cwd / "outputs" / "default" / "runs" / "default" / "final")
+    # Asked and stopped as in training: the chat template, system prompt and instruction, every stop id.
+    end = policy.tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end in policy.stop_ids and policy.prompting["instruction"] == "Add the two numbers:"
     texts = policy.generate(["3+4=", "12+9="], max_new_tokens=12)
+    assert not any("<|" in t for t in texts)
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
     # The trained policy answers in the SO8T format more often than the base does greedily (never).
     texts = policy.generate([f"{a}+{b}=" for a in range(10) for b in range(10)], max_new_tokens=12)
