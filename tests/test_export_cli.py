@@ -200,6 +200,9 @@ def test_export_of_a_mid_run_checkpoint_equals_final_of_a_run_stopped_there(so8_
 # --------------------------------------------------------------------- Phi-3-shaped random model
 
 
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+
+
 def _phi3_shaped_final(tmp: Path) -> tuple[Path, object]:
     """A random Phi-3 (fused qkv_proj / gate_up_proj, 4 layers, hidden 128) saved as a local
     model, with random non-zero rotations after layers 0, 2 and 3, gate 1, in a final/ folder."""
@@ -216,6 +219,9 @@ def _phi3_shaped_final(tmp: Path) -> tuple[Path, object]:
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.3, 2.0)
+    # Two stop ids (as Phi-3.5 has) and a chat template: both must reach the export.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</final>")]
+    tokenizer.chat_template = CHAT_TEMPLATE
     base_dir = tmp / "phi3-base"
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -244,8 +250,13 @@ def test_phi3_shaped_random_model_merged_equals_the_adapted_policy_in_a_fresh_pr
     assert ref_logits.abs().max() > 1.0  # logits of order 1: the bound below is not vacuous
     assert max_diff(logits, ref_logits, mask) <= 1e-4
     assert info["generated"] == ref_generated
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+    stop = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    tokenizer = build_tiny_tokenizer()
+    assert stop == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</final>")]
     # The value head exported with the model reads the merged model's final hidden state.
-    from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(out)
     head = load_file(str(out / "value_head.safetensors"))

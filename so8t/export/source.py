@@ -106,6 +106,7 @@ def _from_final(folder: Path, device: str) -> TrainedPolicy:
         raise ExportError(f"{folder / POLICY_FILE} is not a readable SO8T policy file: {exc}") from exc
     loaded = _rebuild(lambda: load_policy(folder, device=device, dtype="float32"), folder)
     step = meta.get("step")
+    _warn_if_checkpoints_are_newer(folder, step)
     return TrainedPolicy(
         policy=loaded.policy, tokenizer=loaded.tokenizer, model_cfg=meta["model"], adapter_cfg=meta["adapter"],
         gate=meta.get("gate"), step=step if isinstance(step, int) else None, source=folder,
@@ -155,6 +156,18 @@ def _from_checkpoint(folder: Path, device: str) -> TrainedPolicy:
         policy=policy, tokenizer=tokenizer, model_cfg=model_cfg, adapter_cfg=adapter_cfg, gate=gate,
         step=step, source=folder, source_kind="checkpoint", run_dir=run_dir,
     )
+
+
+def _warn_if_checkpoints_are_newer(final: Path, step: Any) -> None:
+    """A run resumed with a larger max_steps and stopped early keeps its older final/."""
+    from so8t.checkpoint.store import CheckpointStore, parse_step
+
+    if final.name != FINAL_DIR or not isinstance(step, int):
+        return
+    latest = CheckpointStore(final.parent / CHECKPOINTS_DIR).read_latest()
+    if latest is not None and parse_step(latest) > step:
+        log.warning("%s holds the policy at step %d, but the run's newest checkpoint is %s; export "
+                    "that checkpoint for the later policy", final, step, final.parent / CHECKPOINTS_DIR / latest)
 
 
 def _rebuild(build, folder: Path):
