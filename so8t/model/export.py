@@ -99,13 +99,17 @@ class LoadedPolicy:
 
 
 def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32") -> LoadedPolicy:
-    """Rebuild the trained policy saved in ``path`` (a run's ``final/`` folder)."""
+    """Rebuild the trained policy saved in ``path`` (a run's ``final/`` folder, or a folder
+    written by ``so8t-export``)."""
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
     from so8t.build import DTYPES, build_policy_and_tokenizer
+    from so8t.export.loading import is_export_dir, load_export
 
     path = Path(path)
+    if is_export_dir(path):
+        return load_export(path, device=device, dtype=dtype)
     meta_file = path / POLICY_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a SO8T policy export: {POLICY_FILE} is missing")
