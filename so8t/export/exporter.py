@@ -86,6 +86,7 @@ def export_policy(source: str | Path, out: str | Path, *, layout: str = "auto", 
             "dtype": dtype, "model": trained.model_cfg, "adapter": trained.adapter_cfg, "gate": trained.gate,
             "step": trained.step, "source": str(trained.source.resolve()), "source_kind": trained.source_kind,
             "value_head": VALUE_HEAD_FILE, "check": check,
+            "stop_token_ids": trained.stop_ids, "prompting": trained.prompting,
         }
         (tmp / EXPORT_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         # Written last: PEFT's save_pretrained writes a README.md of its own.
@@ -174,7 +175,8 @@ def _compare(reference, merged, what: str) -> dict:
 
 
 def _generation_config(trained: TrainedPolicy):
-    """The base's generation config with the tokenizer's EOS among its stop ids and its pad."""
+    """The base's generation config with every stop id of training (its own, the tokenizer's
+    EOS and ``ppo.stop_token_ids``) and the pad token."""
     from transformers import GenerationConfig
 
     base = trained.policy.base
@@ -182,9 +184,7 @@ def _generation_config(trained: TrainedPolicy):
     config = copy.deepcopy(config) if config is not None else GenerationConfig.from_model_config(base.config)
     eos = config.eos_token_id
     stop = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    tokenizer_eos = trained.tokenizer.eos_token_id
-    if tokenizer_eos is not None and tokenizer_eos not in stop:
-        stop.append(tokenizer_eos)
+    stop += [i for i in trained.stop_ids if i not in stop]  # the model's own order first
     config.eos_token_id = stop[0] if len(stop) == 1 else (stop or None)
     config.pad_token_id = trained.tokenizer.pad_token_id
     return config

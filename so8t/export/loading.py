@@ -53,4 +53,7 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     policy = PolicyWithValue(model, adapter)
     policy.value_head.load_state_dict(load_file(str(path / meta.get("value_head", "value_head.safetensors"))))
     policy.eval()
-    return LoadedPolicy(policy, tokenizer, torch_device)
+    from so8t.model.stops import stop_token_ids
+
+    stop_ids = meta.get("stop_token_ids") or stop_token_ids(model, tokenizer)
+    return LoadedPolicy(policy, tokenizer, torch_device, stop_ids, meta.get("prompting"))

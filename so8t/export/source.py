@@ -47,6 +47,8 @@ class TrainedPolicy:
     source: Path  # the final/ or checkpoint folder actually read
     source_kind: str  # "final" or "checkpoint"
     run_dir: Path | None  # the run folder it belongs to, when it sits in one
+    stop_ids: list[int]  # every token id that ended a response in training
+    prompting: dict  # chat_template / system_prompt / instruction of the run's prompts
 
 
 def resolve_source(path: str | Path) -> tuple[str, Path]:
@@ -111,6 +113,7 @@ def _from_final(folder: Path, device: str) -> TrainedPolicy:
         policy=loaded.policy, tokenizer=loaded.tokenizer, model_cfg=meta["model"], adapter_cfg=meta["adapter"],
         gate=meta.get("gate"), step=step if isinstance(step, int) else None, source=folder,
         source_kind="final", run_dir=folder.parent if folder.name == FINAL_DIR else None,
+        stop_ids=list(loaded.stop_ids), prompting=dict(loaded.prompting),
     )
 
 
@@ -152,9 +155,14 @@ def _from_checkpoint(folder: Path, device: str) -> TrainedPolicy:
         policy.set_gate(gate)
     policy.eval()
     run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS_DIR else None
+    from so8t.model.stops import stop_token_ids
+
+    data = _section(identity, "data")
     return TrainedPolicy(
         policy=policy, tokenizer=tokenizer, model_cfg=model_cfg, adapter_cfg=adapter_cfg, gate=gate,
         step=step, source=folder, source_kind="checkpoint", run_dir=run_dir,
+        stop_ids=stop_token_ids(policy.base, tokenizer, identity.get("ppo.stop_token_ids")),
+        prompting={key: data.get(key) for key in ("chat_template", "system_prompt", "instruction")},
     )
 
 
