@@ -24,6 +24,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REFUSED = 2  # the config, or the checkpoints in the run dir, do not allow this run
 EXIT_LOCKED = 3  # another live process holds the run dir
+EXIT_CHECKPOINTING = 74  # checkpoints kept failing (a full disk?): stopped rather than train unprotected
 EXIT_DEADLINE = 75  # stopped with a checkpoint before max_wall_seconds: re-run to continue
 
 
@@ -145,11 +146,18 @@ def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
 
     from so8t.config.identity import config_identity
 
+    from so8t.run.folder_manifest import verify_folder
+
     data = session.load()
     step = data.get("global_step")
     if (cfg.resume != "auto" or data.get("status") != "completed" or not isinstance(step, int)
-            or step < cfg.max_steps or not (run_dir / "final").is_dir()
+            or step < cfg.max_steps
             or data.get("config_identity") != json.loads(json.dumps(config_identity(cfg)))):
+        return False
+    problems = verify_folder(run_dir / "final")
+    if problems:
+        log.warning("session.json says completed, but final/ does not verify (%s): checking the run",
+                    "; ".join(problems[:3]))
         return False
     log.info("run already completed: step %d of max_steps=%d (session.json); skipped", step, cfg.max_steps)
     return True
@@ -157,24 +165,31 @@ def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
 
 def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) -> int:
     from so8t.build import build_components
-    from so8t.checkpoint import CheckpointService
+    from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointService
     from so8t.config.identity import config_identity
+    from so8t.resume_config import RESUME_SHAPE_KEYS, capture_hyperparameters, reapply_hyperparameters
+    from so8t.run.folder_manifest import verify_folder
     from so8t.run.metrics import MetricsWriter
 
     log.info("run dir: %s", run_dir.resolve())
     components = build_components(cfg)
     trainer = components.trainer
     identity = config_identity(cfg)
-    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), identity)
+    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), identity,
+                                    shape_keys=(*DEFAULT_SHAPE_KEYS, *RESUME_SHAPE_KEYS))
+    fresh = capture_hyperparameters(trainer)
     resumed = checkpoints.resume(cfg.resume, identity)
     if resumed is not None:
+        reapply_hyperparameters(trainer, fresh, cfg.ppo.kl.kind, resumed.changed_keys)
         log.info("resumed from step %d (checkpoint %s, reason %s)", resumed.step, resumed.path, resumed.reason)
     else:
         log.info("starting fresh at step 0")
     step = trainer.counters.step
     if step >= cfg.max_steps:
         log.info("run already completed: step %d of max_steps=%d; nothing to do", step, cfg.max_steps)
-        if not (run_dir / "final").is_dir():
+        problems = verify_folder(run_dir / "final")
+        if problems:
+            log.info("exporting final/ again: %s", "; ".join(problems[:3]))
             _export_final(cfg, components, run_dir)
         checkpoints.close()
         if session.data.get("status") != "completed":
@@ -185,18 +200,33 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
             session.end_attempt("completed", "end", EXIT_OK)
         return EXIT_OK
 
+    from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError
+
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
     metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
     status, reason, code = "failed", "exception", EXIT_FAILED
     try:
-        status, reason, code = _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline)
-        if status == "completed":
-            if cfg.checkpoint.save_on_end:
+        try:
+            status, reason, code = _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline)
+            if status == "completed" and cfg.checkpoint.save_on_end:
                 if _already_saved(checkpoints, trainer.counters.step):
                     _record_progress(session, trainer, checkpoints)
                 else:
                     _save(checkpoints, session, trainer, "end", deadline)
-            _export_final(cfg, components, run_dir)
+        except CheckpointingStalledError as exc:
+            log.error("%s", exc)
+            status, reason, code = "failed", "checkpointing", EXIT_CHECKPOINTING
+        except CheckpointError as exc:  # the end checkpoint: the run must not be called completed
+            log.error("%s; the run is not completed: run the same command again once saving works", exc)
+            status, reason, code = "failed", "checkpointing", EXIT_CHECKPOINTING
+        if status == "completed":
+            try:
+                _export_final(cfg, components, run_dir)
+            except OSError as exc:  # a full disk: the end checkpoint holds the result
+                log.error("could not write final/: %s; the run is not completed (its end checkpoint is "
+                          "intact): run the same command again once there is room", exc)
+                status, reason, code = "failed", "export", EXIT_CHECKPOINTING
+                return code
             log.info("done: %d updates, %.1f s of training", trainer.counters.step,
                      trainer.counters.training_time)
         return code
@@ -206,6 +236,7 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
             checkpoints.close()
         except Exception:  # a failed background write was logged when it happened
             log.exception("the last background checkpoint write failed")
+        session.set_checkpoint_stats(checkpoints.stats)
         session.update(trainer.counters.step, trainer.counters.training_time)
         session.end_attempt(status, reason, code)
 
@@ -231,7 +262,26 @@ def _record_progress(session, trainer, checkpoints) -> None:
     that is still running, or that failed, is not named there)."""
     saved = checkpoints.last_saved
     last = None if saved is None else {"step": saved.step, "path": str(saved.path), "reason": saved.reason}
+    session.set_checkpoint_stats(checkpoints.stats)
     session.update(trainer.counters.step, trainer.counters.training_time, last_checkpoint=last)
+
+
+def _stop_save(checkpoints, session, trainer, reason: str, deadline: Deadline) -> None:
+    """The checkpoint of a stop (signal, deadline): once per step, and a failure is reported
+    without turning the stop into another exit code — the caller exits as the stop asks,
+    so a job script or sweep stops too; the older checkpoints are intact."""
+    from so8t.checkpoint.errors import CheckpointError
+
+    if _already_saved(checkpoints, trainer.counters.step):  # the cadence just committed this step
+        _record_progress(session, trainer, checkpoints)
+        return
+    try:
+        _save(checkpoints, session, trainer, reason, deadline)
+    except CheckpointError as exc:
+        newest = checkpoints.newest_verified
+        log.error("%s; stopping anyway: a re-run resumes from %s", exc,
+                  f"step {newest.step}" if newest else "the start")
+        _record_progress(session, trainer, checkpoints)
 
 
 def _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline: Deadline) -> tuple[str, str, int]:
@@ -249,7 +299,7 @@ def _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline: Deadline)
                 if deadline.next_step_would_overrun():
                     log.warning("stopping before max_wall_seconds=%s: the next update and a save might not fit",
                                 cfg.max_wall_seconds)
-                    _save(checkpoints, session, trainer, "deadline", deadline)
+                    _stop_save(checkpoints, session, trainer, "deadline", deadline)
                     return "interrupted", "deadline", EXIT_DEADLINE
                 epochs.reset()
                 row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
@@ -274,6 +324,6 @@ def _loop(cfg, trainer, checkpoints, metrics, session, stop, deadline: Deadline)
     if stop.requested:
         log.warning("stop requested by %s: saving at step %d, then exiting with code %d "
                     "(a second Ctrl+C aborts at once)", stop.name, trainer.counters.step, stop.exit_code)
-        _save(checkpoints, session, trainer, "signal", deadline)
+        _stop_save(checkpoints, session, trainer, "signal", deadline)
         return "interrupted", stop.name or "signal", stop.exit_code
     return "completed", "end", EXIT_OK

@@ -532,10 +532,10 @@ def _find_newest(store: CheckpointStore, *, cleanup: bool) -> _Found | None:
                        store.root / LATEST_FILE)
     elif not (store.root / latest).is_dir():
         logger.warning("%s names %s, which does not exist; ignoring it", store.root / LATEST_FILE, latest)
-    # Folders without a readable manifest go first only to be rejected with their reason logged.
+    # Folders with a malformed manifest go first only to be rejected with their reason logged.
     manifests = {p: _read_manifest_quietly(p) for p in candidates}
     ordered = sorted(candidates, reverse=True, key=lambda p: (
-        not isinstance(manifests[p], dict), manifest_sequence(manifests[p]), p.name == latest, parse_step(p.name)))
+        _malformed(manifests[p]), manifest_sequence(manifests[p]), p.name == latest, parse_step(p.name)))
 
     rejected: list[tuple[Path, list[str]]] = []
     for path in ordered:
@@ -575,6 +575,14 @@ def _find_explicit(path: Path) -> _Found:
             if found is not None:
                 return found
     raise CheckpointError(f"resume path {path} is not a checkpoint folder and holds no checkpoints")
+
+
+def _malformed(manifest: Any) -> bool:
+    """No manifest object, or a sequence that is not a number: rejected by verify()."""
+    if not isinstance(manifest, dict):
+        return True
+    sequence = manifest.get("sequence", 0)
+    return not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0
 
 
 def _read_manifest_quietly(path: Path) -> Any:

@@ -342,16 +342,16 @@ class CheckpointStore:
                 problems.append(f"{MANIFEST_FILE} entry for {name} lacks size or sha256")
                 continue
             file = path / name
-            if file.is_symlink():
-                problems.append(f"{name} is a symbolic link")
-                continue
-            if not file.is_file():
-                problems.append(f"missing file {name}")
-                continue
-            try:
+            try:  # a permission error (or EIO) on one file makes the checkpoint unusable, no more
+                if file.is_symlink():
+                    problems.append(f"{name} is a symbolic link")
+                    continue
+                if not file.is_file():
+                    problems.append(f"missing file {name}")
+                    continue
                 size = file.stat().st_size
             except OSError as exc:
-                problems.append(f"cannot stat {name}: {exc}")
+                problems.append(f"cannot read {name}: {exc}")
                 continue
             if size != entry["size"]:
                 problems.append(f"size mismatch for {name}: {size} bytes on disk, {entry['size']} in manifest")
