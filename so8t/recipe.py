@@ -234,8 +234,8 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
         metrics.close()
         try:
             checkpoints.close()
-        except Exception:  # a failed background write was logged when it happened
-            log.exception("the last background checkpoint write failed")
+        except CheckpointError as exc:  # logged when it happened; said once more, without a traceback
+            log.error("%s", exc)
         session.set_checkpoint_stats(checkpoints.stats)
         session.update(trainer.counters.step, trainer.counters.training_time)
         session.end_attempt(status, reason, code)

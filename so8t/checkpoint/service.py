@@ -228,7 +228,7 @@ class CheckpointService:
         except OSError as exc:
             self.failed_saves += 1
             self._failed(step, reason, f"Checkpoint at step {step} ({reason}) FAILED: {exc}. The temporary "
-                                       "folder was removed and older checkpoints are intact", exc_info=True)
+                                       "folder was removed and older checkpoints are intact")
             if strict:
                 raise CheckpointError(f"could not save the {reason} checkpoint at step {step}: {exc}") from exc
             return None
@@ -260,7 +260,7 @@ class CheckpointService:
         self._protected_step = step
         self._protected_time = self._clock()
 
-    def _failed(self, step: int, reason: str, what: str, exc_info: bool = False) -> None:
+    def _failed(self, step: int, reason: str, what: str) -> None:
         self.failures_in_row += 1
         self._retry_reason = reason
         newest = self.newest_verified
@@ -268,7 +268,7 @@ class CheckpointService:
             "%s. %d save(s) in a row did not commit (%d failed, %d skipped in all); the newest good "
             "checkpoint is %s; retrying at the next step boundary.",
             what, self.failures_in_row, self.failed_saves, self.skipped_saves,
-            f"step {newest.step}" if newest else "none", exc_info=exc_info,
+            f"step {newest.step}" if newest else "none",
         )
 
     def _check_protected(self, step: int) -> None:
