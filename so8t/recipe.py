@@ -102,7 +102,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
     from so8t.errors import CheckpointError, ModelNotAvailableError, SetupError
     from so8t.run.attempts import archive_hydra_config
-    from so8t.run.lock import RunLock, RunLockedError
+    from so8t.run.lock import RunLock, RunLockedError, RunLockUnavailableError
     from so8t.run.session import SessionFile
     from so8t.run.signals import StopSignal
 
@@ -115,6 +115,9 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     except RunLockedError as exc:
         log.error("%s", exc)
         return EXIT_LOCKED
+    except RunLockUnavailableError as exc:
+        log.error("%s", exc)
+        return EXIT_REFUSED
     stop = StopSignal().install()
     session = SessionFile(run_dir)
     try:

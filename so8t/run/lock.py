@@ -36,7 +36,7 @@ import filelock
 
 from so8t.run.atomic import atomic_write_json
 
-__all__ = ["RunLock", "RunLockedError"]
+__all__ = ["RunLock", "RunLockedError", "RunLockUnavailableError"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,18 @@ class RunLockedError(RuntimeError):
         )
 
 
+class RunLockUnavailableError(RuntimeError):
+    """No lock can be taken on the run folder (the file system refuses, the lock file is not a
+    plain file …): running unprotected against a second writer is not an option."""
+
+    def __init__(self, run_dir: Path, error: BaseException):
+        super().__init__(
+            f"cannot take the single-writer lock on {run_dir / OS_LOCK_NAME}: {error}. Without it a second "
+            "process could write this run at the same time. If that path is not a plain file, remove it; "
+            "otherwise put the outputs on a file system that supports locking (paths.output_dir=...)."
+        )
+
+
 class RunLock:
     """Exclusive, non-blocking lock on a run folder. Use as a context manager or acquire/release."""
 
@@ -93,6 +105,8 @@ class RunLock:
             self._os_lock.acquire(blocking=False)
         except filelock.Timeout:
             raise RunLockedError(self.run_dir, self.read_holder()) from None
+        except (OSError, NotImplementedError) as exc:
+            raise RunLockUnavailableError(self.run_dir, exc) from exc
 
         # We own the OS lock, so any record still on disk belongs to a process that is gone.
         previous = self.read_holder()
