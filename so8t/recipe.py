@@ -166,6 +166,16 @@ def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
     return True
 
 
+def _use_deterministic_algorithms() -> None:
+    """For so8t-verify-resume (SO8T_DETERMINISTIC=1): deterministic CUDA kernels, so two runs
+    can only differ through their state. cuBLAS needs its workspace setting before it starts."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    log.info("torch.use_deterministic_algorithms(True) (SO8T_DETERMINISTIC=1)")
+
+
 def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) -> int:
     from so8t.build import build_components
     from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointService
@@ -175,6 +185,8 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
     from so8t.run.metrics import MetricsWriter
 
     log.info("run dir: %s", run_dir.resolve())
+    if os.environ.get("SO8T_DETERMINISTIC") == "1":
+        _use_deterministic_algorithms()
     components = build_components(cfg)
     trainer = components.trainer
     identity = config_identity(cfg)
