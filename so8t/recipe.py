@@ -125,7 +125,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
             return EXIT_OK
         archive_hydra_config(run_dir)
         session.load()
-        return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started))
+        return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started), lock)
     except (CheckpointError, ModelNotAvailableError, SetupError) as exc:
         log.error("%s", exc)
         return EXIT_REFUSED
@@ -176,7 +176,7 @@ def _use_deterministic_algorithms() -> None:
     log.info("torch.use_deterministic_algorithms(True) (SO8T_DETERMINISTIC=1)")
 
 
-def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) -> int:
+def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lock) -> int:
     from so8t.build import build_components
     from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointService
     from so8t.config.identity import config_identity
@@ -191,7 +191,7 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
     trainer = components.trainer
     identity = config_identity(cfg)
     checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), identity,
-                                    shape_keys=(*DEFAULT_SHAPE_KEYS, *RESUME_SHAPE_KEYS))
+                                    shape_keys=(*DEFAULT_SHAPE_KEYS, *RESUME_SHAPE_KEYS), fence=lock.check_owner)
     fresh = capture_hyperparameters(trainer)
     resumed = checkpoints.resume(cfg.resume, identity)
     if resumed is not None:
@@ -215,7 +215,7 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
             session.end_attempt("completed", "end", EXIT_OK)
         return EXIT_OK
 
-    from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError
+    from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
 
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
     metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
@@ -228,6 +228,12 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
                     _record_progress(session, trainer, checkpoints)
                 else:
                     _save(checkpoints, session, trainer, "end", deadline)
+        except OwnershipLostError as exc:
+            # Nothing more is written: the folder, session.json included, is the new owner's.
+            log.error("%s", exc)
+            session.detach()
+            status, reason, code = "failed", "taken over", EXIT_LOCKED
+            return code
         except CheckpointingStalledError as exc:
             log.error("%s", exc)
             status, reason, code = "failed", "checkpointing", EXIT_CHECKPOINTING
@@ -285,13 +291,15 @@ def _stop_save(checkpoints, session, trainer, reason: str, deadline: Deadline) -
     """The checkpoint of a stop (signal, deadline): once per step, and a failure is reported
     without turning the stop into another exit code — the caller exits as the stop asks,
     so a job script or sweep stops too; the older checkpoints are intact."""
-    from so8t.checkpoint.errors import CheckpointError
+    from so8t.checkpoint.errors import CheckpointError, OwnershipLostError
 
     if _already_saved(checkpoints, trainer.counters.step):  # the cadence just committed this step
         _record_progress(session, trainer, checkpoints)
         return
     try:
         _save(checkpoints, session, trainer, reason, deadline)
+    except OwnershipLostError:
+        raise
     except CheckpointError as exc:
         newest = checkpoints.newest_verified
         log.error("%s; stopping anyway: a re-run resumes from %s", exc,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError
+from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
 from so8t.checkpoint.identity import DEFAULT_SHAPE_KEYS, compare_identity, describe_differences
 from so8t.checkpoint.policy import SavePolicy
 from so8t.checkpoint.retention import Retention
@@ -87,6 +87,7 @@ class CheckpointService:
         clock: Callable[[], float] = time.monotonic,
         shape_keys: Iterable[str] = DEFAULT_SHAPE_KEYS,
         world_size: int | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         """
         ``cfg``: a ``CheckpointConfig``-like object (attribute access). ``parts``: name →
@@ -107,7 +108,7 @@ class CheckpointService:
         self.extra_state = extra_state
         self.shape_keys = tuple(shape_keys)
         self.world_size = world_size if world_size is not None else _world_size()
-        self.store = CheckpointStore(self.run_dir / "checkpoints")
+        self.store = CheckpointStore(self.run_dir / "checkpoints", fence=fence)
         self.policy = SavePolicy(cfg.policy, cfg.every_seconds, cfg.every_steps, clock=clock)
         self.retention = Retention(cfg.keep_last, cfg.keep_every_steps)
         self.writer = AsyncCheckpointWriter() if cfg.async_write else None
@@ -245,6 +246,8 @@ class CheckpointService:
             return None
         self._in_flight = None
         error = future.exception()
+        if isinstance(error, OwnershipLostError):
+            raise error  # not a failed save to retry: this process must stop writing
         if error is None:
             self._committed(step)
             return None

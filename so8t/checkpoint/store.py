@@ -111,8 +111,11 @@ def library_versions() -> dict[str, str | None]:
 
 
 class CheckpointStore:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], fence: Any = None) -> None:
+        """``fence``: called right before each commit (and each ``LATEST`` move or deletion);
+        it raises when this process no longer owns the run (see so8t.run.lock.check_owner)."""
         self.root = Path(root)
+        self.fence = fence or (lambda: None)
 
     # ------------------------------------------------------------------ write
 
@@ -170,6 +173,7 @@ class CheckpointStore:
             pause_point("save.manifest_written")
             fsync_dir(tmp)
             pause_point("save.tmp_synced")
+            self.fence()
             self._commit(tmp, final)
         except BaseException:
             _remove_tree(tmp)
@@ -178,6 +182,7 @@ class CheckpointStore:
         # LATEST is only a hint (resume orders checkpoints by their commit sequence): the
         # checkpoint is committed and durable now, so failing to move the hint is no failure.
         try:
+            self.fence()
             self.write_latest(name)
         except OSError as exc:
             logger.error("Committed checkpoint %s but could not update %s: %s (resume still finds it: "
@@ -226,6 +231,7 @@ class CheckpointStore:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             logger.warning("Not deleting %s: it has no manifest written by SO8T", path)
             return False
+        self.fence()
         # Rename first so a crash mid-delete never leaves a half-empty folder under a
         # committed name.
         doomed = self.root / f"{DEL_PREFIX}{path.name}-{secrets.token_hex(4)}"

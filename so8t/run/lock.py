@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 from datetime import datetime
@@ -41,6 +42,7 @@ __all__ = ["RunLock", "RunLockedError", "RunLockUnavailableError"]
 log = logging.getLogger(__name__)
 
 LOCK_INFO_NAME = ".lock"  # JSON holder record: what a person or tool reads
+OWNER_NAME = ".owner"  # the owner token: the fence every commit checks (see check_owner)
 OS_LOCK_NAME = ".lock.os"  # the file the OS lock is taken on (content unused, never deleted)
 
 
@@ -91,6 +93,7 @@ class RunLock:
         # orphaned DataLoader worker cannot keep a dead run locked.
         self._os_lock = filelock.FileLock(self.run_dir / OS_LOCK_NAME, thread_local=False)
         self._info: dict[str, Any] | None = None
+        self.token: str | None = None
 
     @property
     def held(self) -> bool:
@@ -122,12 +125,34 @@ class RunLock:
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
             "argv": list(sys.argv),
         }
+        # Fencing: on a file system whose locks do not exclude (some network mounts), two
+        # processes could both get here. Each writes a fresh token; the newer one wins, and the
+        # older finds out at its next commit (check_owner) and stops instead of interleaving.
+        self.token = secrets.token_hex(16)
         try:
             atomic_write_json(self.info_path, info)
+            atomic_write_json(self.run_dir / OWNER_NAME, {"token": self.token, **info})
         except BaseException:
             self._os_lock.release()
             raise
         self._info = info
+
+    def check_owner(self) -> None:
+        """Raise OwnershipLostError unless this process's token is still the run folder's."""
+        if not self.held:
+            return
+        try:
+            token = json.loads((self.run_dir / OWNER_NAME).read_text(encoding="utf-8")).get("token")
+        except (OSError, ValueError, AttributeError):
+            token = None
+        if token != self.token:
+            from so8t.checkpoint.errors import OwnershipLostError
+
+            raise OwnershipLostError(
+                f"another process took over {self.run_dir} (its owner token in {OWNER_NAME} replaced this "
+                "process's): this one stops writing now, so the two never interleave their checkpoints. "
+                "The file system's locks do not keep writers apart; run one process per run folder."
+            )
 
     def release(self) -> None:
         """Drop the lock; remove the holder record only if it is ours."""

@@ -87,6 +87,7 @@ class SessionFile:
         self._attempt: dict[str, Any] | None = None  # this process's attempt entry
         self._attempt_t0 = 0.0  # monotonic clock at start_attempt
         self._last_write = float("-inf")  # monotonic clock of the last write
+        self._detached = False
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -198,6 +199,10 @@ class SessionFile:
                                  if isinstance(a.get(key, 0), int))
         self._write()
 
+    def detach(self) -> None:
+        """Write nothing more: another process owns the run folder now (see RunLock.check_owner)."""
+        self._detached = True
+
     def flush(self) -> None:
         """Write now, whatever the interval (e.g. right before a long pause)."""
         self._write()
@@ -207,6 +212,8 @@ class SessionFile:
             raise RuntimeError("call start_attempt() first")
 
     def _write(self) -> None:
+        if self._detached:
+            return
         if self._attempt is not None:
             self._attempt["active_seconds"] = round(time.monotonic() - self._attempt_t0, 3)
         self.data["updated"] = _now()
