@@ -34,6 +34,13 @@ def run_dir_of_job() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _hydra_output_subdir() -> str | None:
+    """Where Hydra wrote this job's record, relative to the run dir (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().output_subdir if HydraConfig.initialized() else None
+
+
 def _postfix(row: dict) -> dict:
     return {
         "reward": f"{row['reward/mean']:.3f}",
@@ -109,15 +116,25 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     started = _process_started()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
     logging.getLogger("so8t").setLevel(cfg.logger.level)
+    from so8t.run.attempts import adopt_hydra_files, discard_hydra_files
+    from so8t.run.run_log import discard_run_log, open_run_log
+
+    incoming = _hydra_output_subdir()
     lock = RunLock(run_dir)
     try:
         lock.acquire()
     except RunLockedError as exc:
+        # The run is another live process's: leave its train.log and .hydra/ alone.
+        discard_run_log()
+        discard_hydra_files(run_dir, incoming)
         log.error("%s", exc)
         return EXIT_LOCKED
     except RunLockUnavailableError as exc:
+        open_run_log()
         log.error("%s", exc)
         return EXIT_REFUSED
+    open_run_log()
+    adopt_hydra_files(run_dir, incoming)
     stop = StopSignal().install()
     session = SessionFile(run_dir)
     try:

@@ -179,3 +179,29 @@ def test_a_stop_right_after_a_cadence_save_does_not_write_the_step_twice(tmp_pat
     _stop_save(service, session, Trainer, "deadline", Deadline(None, 0.0))
     assert calls == []
     assert json.loads((tmp_path / "session.json").read_text())["last_checkpoint"]["step"] == 2
+
+
+def test_a_rival_refused_with_exit_3_leaves_the_live_runs_hydra_record_and_log_alone(tmp_path):
+    run = tmp_path / "outputs" / "default" / "runs" / "live"
+    out = open(tmp_path / "holder.log", "w")
+    holder = subprocess.Popen([sys.executable, "-m", "so8t.train", "logger.progress_bars=false", "run_name=live",
+                               "max_steps=8", "ppo.rollout_batch_size=8"], cwd=tmp_path, stdout=out,
+                              stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        _wait_for_rows(run, holder)
+        holder.send_signal(signal.SIGSTOP)  # surely alive, and holding the lock, while the rival starts
+        hydra_before = tree_digest(run / ".hydra")
+        log_before = (run / "train.log").read_bytes()
+        # Another neutral override: Hydra would record it in .hydra/overrides.yaml.
+        rival = train(tmp_path, "run_name=live", "max_steps=8", "hardware.num_threads=1")
+        assert rival.returncode == 3, rival.stdout[-3000:]
+        assert "is in use by pid" in rival.stdout
+        assert tree_digest(run / ".hydra") == hydra_before
+        assert (run / "train.log").read_bytes() == log_before
+        assert not (run / ".hydra-incoming").exists()
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        code = holder.wait(TIMEOUT)
+        out.close()
+    assert code == 0, (tmp_path / "holder.log").read_text()[-3000:]
+    assert "is in use by pid" not in (run / "train.log").read_text()
