@@ -8,12 +8,13 @@ Layout::
       "total_training_time": 73.4,      # active seconds, supplied by the trainer (see update())
       "last_checkpoint": {"step": 120, "path": "...", "reason": "time"} | null,
       "config_identity": ...,           # whatever the trainer uses to recognise its config
+      "failed_saves": 0, "skipped_saves": 0,  # checkpoint saves that did not commit, all attempts
       "updated": "2025-...",            # last write: the last sign of life of a killed attempt
       "attempts": [
         {"index": 1, "started": "...", "ended": "...", "end_reason": "SIGTERM",
          "exit_code": 143, "resumed_from_step": 0, "host": "...", "pid": 4242,
          "code_version": "<git sha>[-dirty] | <package version>", "status": "interrupted",
-         "active_seconds": 40.2},
+         "active_seconds": 40.2, "failed_saves": 0, "skipped_saves": 0, "failures_in_row": 0},
         ...
       ]
     }
