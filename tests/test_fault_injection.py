@@ -22,7 +22,7 @@ import pytest
 from so8t.checkpoint import CheckpointStore
 from so8t.run.faults import FAIL_SITES, PAUSE_POINTS
 from so8t.run.folder_manifest import verify_folder
-from tests.test_checkpoint_service import make_parts, make_service, run_steps, saved, train_step
+from tests.test_checkpoint_service import make_parts, make_service, run_steps, saved
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def test_every_checkpoint_write_failing_stops_with_74_and_the_same_command_recov
     result = train(tmp_path, env={"SO8T_FAIL_AT": sites, "SO8T_FAIL_ERRNO": errno_name})
     assert result.returncode == EXIT_CHECKPOINTING, result.stdout[-3000:]
     assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    assert "did not commit" in result.stdout and f"injected at checkpoint." in result.stdout
+    assert "did not commit" in result.stdout and "injected at checkpoint." in result.stdout
     session = _session(tmp_path)
     assert session["status"] == "failed" and session["attempts"][-1]["exit_code"] == EXIT_CHECKPOINTING
     assert session["failed_saves"] >= 2
