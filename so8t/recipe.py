@@ -24,6 +24,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REFUSED = 2  # the config, or the checkpoints in the run dir, do not allow this run
 EXIT_LOCKED = 3  # another live process holds the run dir
+EXIT_CHECKPOINTING = 74  # checkpoints kept failing (a full disk?): stopped rather than train unprotected
 EXIT_DEADLINE = 75  # stopped with a checkpoint before max_wall_seconds: re-run to continue
 
 
@@ -31,6 +32,13 @@ def run_dir_of_job() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _hydra_output_subdir() -> str | None:
+    """Where Hydra wrote this job's record, relative to the run dir (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().output_subdir if HydraConfig.initialized() else None
 
 
 def _postfix(row: dict) -> dict:
@@ -107,19 +115,32 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
     from so8t.errors import CheckpointError, ModelNotAvailableError, SetupError
     from so8t.run.attempts import archive_hydra_config
-    from so8t.run.lock import RunLock, RunLockedError
+    from so8t.run.lock import RunLock, RunLockedError, RunLockUnavailableError
     from so8t.run.session import SessionFile
     from so8t.run.signals import StopSignal
 
     started = _process_started()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
     logging.getLogger("so8t").setLevel(cfg.logger.level)
+    from so8t.run.attempts import adopt_hydra_files, discard_hydra_files
+    from so8t.run.run_log import discard_run_log, open_run_log
+
+    incoming = _hydra_output_subdir()
     lock = RunLock(run_dir)
     try:
         lock.acquire()
     except RunLockedError as exc:
+        # The run is another live process's: leave its train.log and .hydra/ alone.
+        discard_run_log()
+        discard_hydra_files(run_dir, incoming)
         log.error("%s", exc)
         return EXIT_LOCKED
+    except RunLockUnavailableError as exc:
+        open_run_log()
+        log.error("%s", exc)
+        return EXIT_REFUSED
+    open_run_log()
+    adopt_hydra_files(run_dir, incoming)
     stop = StopSignal().install()
     session = SessionFile(run_dir)
     try:
@@ -127,7 +148,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
             return EXIT_OK
         archive_hydra_config(run_dir)
         session.load()
-        return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started))
+        return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started), lock)
     except (CheckpointError, ModelNotAvailableError, SetupError) as exc:
         log.error("%s", exc)
         return EXIT_REFUSED
@@ -151,39 +172,65 @@ def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
 
     from so8t.config.identity import config_identity
 
+    from so8t.run.folder_manifest import verify_folder
+
     data = session.load()
     step = data.get("global_step")
     if (cfg.resume != "auto" or data.get("status") != "completed" or not isinstance(step, int)
-            or step < cfg.max_steps or not (run_dir / "final").is_dir()
+            or step < cfg.max_steps
             or data.get("config_identity") != json.loads(json.dumps(config_identity(cfg)))):
+        return False
+    problems = verify_folder(run_dir / "final")
+    if problems:
+        log.warning("session.json says completed, but final/ does not verify (%s): checking the run",
+                    "; ".join(problems[:3]))
         return False
     log.info("run already completed: step %d of max_steps=%d (session.json); skipped", step, cfg.max_steps)
     return True
 
 
-def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) -> int:
+def _use_deterministic_algorithms() -> None:
+    """For so8t-verify-resume (SO8T_DETERMINISTIC=1): deterministic CUDA kernels, so two runs
+    can only differ through their state. cuBLAS needs its workspace setting before it starts."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    log.info("torch.use_deterministic_algorithms(True) (SO8T_DETERMINISTIC=1)")
+
+
+def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lock) -> int:
     from so8t.build import build_components
-    from so8t.checkpoint import CheckpointService
+    from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointService
     from so8t.config.identity import config_identity
+    from so8t.resume_config import RESUME_SHAPE_KEYS, capture_hyperparameters, reapply_hyperparameters
+    from so8t.run.folder_manifest import verify_folder
     from so8t.run.metrics import MetricsWriter
 
     log.info("run dir: %s", run_dir.resolve())
+    if os.environ.get("SO8T_DETERMINISTIC") == "1":
+        _use_deterministic_algorithms()
     components = build_components(cfg)
     trainer = components.trainer
     identity = config_identity(cfg)
     # Checkpoints also record which base weights they were trained on (session.json keeps the
     # config identity alone, so a completed run is recognised without loading the model).
     checkpoint_identity = {**identity, **components.base_fingerprint}
-    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), checkpoint_identity)
+    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), checkpoint_identity,
+                                    shape_keys=(*DEFAULT_SHAPE_KEYS, *RESUME_SHAPE_KEYS), fence=lock.check_owner)
+    fresh = capture_hyperparameters(trainer)
     resumed = checkpoints.resume(cfg.resume, checkpoint_identity)
     if resumed is not None:
+        reapply_hyperparameters(trainer, fresh, cfg.ppo.kl.kind, resumed.changed_keys)
         log.info("resumed from step %d (checkpoint %s, reason %s)", resumed.step, resumed.path, resumed.reason)
     else:
         log.info("starting fresh at step 0")
     step = trainer.counters.step
     if step >= cfg.max_steps:
         log.info("run already completed: step %d of max_steps=%d; nothing to do", step, cfg.max_steps)
-        if not (run_dir / "final").is_dir():
+        problems = verify_folder(run_dir / "final")
+        if problems:
+            log.info("exporting final/ again: %s", "; ".join(problems[:3]))
             _export_final(cfg, components, run_dir)
         checkpoints.close()
         if session.data.get("status") != "completed":
@@ -194,19 +241,40 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
             session.end_attempt("completed", "end", EXIT_OK)
         return EXIT_OK
 
+    from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
+
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
     metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
     samples = MetricsWriter(run_dir / cfg.logger.samples_file)
     status, reason, code = "failed", "exception", EXIT_FAILED
     try:
-        status, reason, code = _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline)
-        if status == "completed":
-            if cfg.checkpoint.save_on_end:
+        try:
+            status, reason, code = _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline)
+            if status == "completed" and cfg.checkpoint.save_on_end:
                 if _already_saved(checkpoints, trainer.counters.step):
                     _record_progress(session, trainer, checkpoints)
                 else:
                     _save(checkpoints, session, trainer, "end", deadline)
-            _export_final(cfg, components, run_dir)
+        except OwnershipLostError as exc:
+            # Nothing more is written: the folder, session.json included, is the new owner's.
+            log.error("%s", exc)
+            session.detach()
+            status, reason, code = "failed", "taken over", EXIT_LOCKED
+            return code
+        except CheckpointingStalledError as exc:
+            log.error("%s", exc)
+            status, reason, code = "failed", "checkpointing", EXIT_CHECKPOINTING
+        except CheckpointError as exc:  # the end checkpoint: the run must not be called completed
+            log.error("%s; the run is not completed: run the same command again once saving works", exc)
+            status, reason, code = "failed", "checkpointing", EXIT_CHECKPOINTING
+        if status == "completed":
+            try:
+                _export_final(cfg, components, run_dir)
+            except OSError as exc:  # a full disk: the end checkpoint holds the result
+                log.error("could not write final/: %s; the run is not completed (its end checkpoint is "
+                          "intact): run the same command again once there is room", exc)
+                status, reason, code = "failed", "export", EXIT_CHECKPOINTING
+                return code
             log.info("done: %d updates, %.1f s of training", trainer.counters.step,
                      trainer.counters.training_time)
         return code
@@ -215,8 +283,9 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
         samples.close()
         try:
             checkpoints.close()
-        except Exception:  # a failed background write was logged when it happened
-            log.exception("the last background checkpoint write failed")
+        except CheckpointError as exc:  # logged when it happened; said once more, without a traceback
+            log.error("%s", exc)
+        session.set_checkpoint_stats(checkpoints.stats)
         session.update(trainer.counters.step, trainer.counters.training_time)
         session.end_attempt(status, reason, code)
 
@@ -242,6 +311,7 @@ def _record_progress(session, trainer, checkpoints) -> None:
     that is still running, or that failed, is not named there)."""
     saved = checkpoints.last_saved
     last = None if saved is None else {"step": saved.step, "path": str(saved.path), "reason": saved.reason}
+    session.set_checkpoint_stats(checkpoints.stats)
     session.update(trainer.counters.step, trainer.counters.training_time, last_checkpoint=last)
 
 
@@ -252,6 +322,26 @@ def _write_samples(cfg, trainer, samples) -> None:
     if every and (step == 1 or step % every == 0):
         for sample in trainer.samples:
             samples.write({"step": step, **sample})
+
+
+def _stop_save(checkpoints, session, trainer, reason: str, deadline: Deadline) -> None:
+    """The checkpoint of a stop (signal, deadline): once per step, and a failure is reported
+    without turning the stop into another exit code — the caller exits as the stop asks,
+    so a job script or sweep stops too; the older checkpoints are intact."""
+    from so8t.checkpoint.errors import CheckpointError, OwnershipLostError
+
+    if _already_saved(checkpoints, trainer.counters.step):  # the cadence just committed this step
+        _record_progress(session, trainer, checkpoints)
+        return
+    try:
+        _save(checkpoints, session, trainer, reason, deadline)
+    except OwnershipLostError:
+        raise
+    except CheckpointError as exc:
+        newest = checkpoints.newest_verified
+        log.error("%s; stopping anyway: a re-run resumes from %s", exc,
+                  f"step {newest.step}" if newest else "the start")
+        _record_progress(session, trainer, checkpoints)
 
 
 def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
@@ -269,7 +359,7 @@ def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: 
                 if deadline.next_step_would_overrun():
                     log.warning("stopping before max_wall_seconds=%s: the next update and a save might not fit",
                                 cfg.max_wall_seconds)
-                    _save(checkpoints, session, trainer, "deadline", deadline)
+                    _stop_save(checkpoints, session, trainer, "deadline", deadline)
                     return "interrupted", "deadline", EXIT_DEADLINE
                 epochs.reset()
                 row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
@@ -295,6 +385,6 @@ def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: 
     if stop.requested:
         log.warning("stop requested by %s: saving at step %d, then exiting with code %d "
                     "(a second Ctrl+C aborts at once)", stop.name, trainer.counters.step, stop.exit_code)
-        _save(checkpoints, session, trainer, "signal", deadline)
+        _stop_save(checkpoints, session, trainer, "signal", deadline)
         return "interrupted", stop.name or "signal", stop.exit_code
     return "completed", "end", EXIT_OK

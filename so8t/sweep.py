@@ -18,7 +18,10 @@ Exit codes of a job (so8t.recipe) become, in a sweep:
   run, Hydra reports the first failure and exits with status 1. (A ``SystemExit`` would
   escape the launcher and end the whole sweep, which a single run's exit code would do.)
 * 75 deadline, 128+N signal N: ``SystemExit`` with that code — a stop request ends the sweep,
-  after the job saved its checkpoint; re-running the command continues it.
+  after the job saved its checkpoint (or tried to: a stop whose save failed is still a stop);
+  re-running the command continues it.
+* 74 checkpointing failed: ``SystemExit`` too — a full disk would fail the next jobs the same
+  way, so the sweep stops rather than run them unprotected.
 
 Outside a sweep, a non-zero code is the process's exit code, as before.
 """

@@ -200,8 +200,7 @@ def _flip_byte(path):
         (lambda c: (c / "step_00000003" / MANIFEST_FILE).unlink(), 2, "missing MANIFEST.json"),
         (lambda c: (c / LATEST_FILE).unlink(), 3, "LATEST is missing"),
         (lambda c: (c / LATEST_FILE).write_text("step_00000099\n"), 3, "names step_00000099, which does not exist"),
-        (lambda c: ((c / LATEST_FILE).write_text("step_00000002\n"),
-                    (c / "step_00000002" / TENSORS_FILE).unlink()), 3, "(named by LATEST): missing file"),
+        (lambda c: (c / "step_00000003" / TENSORS_FILE).unlink(), 2, "(named by LATEST): missing file"),
         (lambda c: (c / ".tmp-step_00000004-0badf00d").mkdir(), 3, "interrupted save"),
     ],
     ids=["truncated", "flipped-byte", "flipped-json", "no-manifest", "no-latest", "latest-missing-folder",
@@ -219,9 +218,32 @@ def test_resume_skips_damaged_checkpoints_and_says_why(tmp_path, caplog, damage,
     assert not any(p.name.startswith(".") for p in checkpoints.iterdir())
 
 
-def test_latest_wins_over_a_higher_numbered_folder(tmp_path):
+def test_the_newest_commit_wins_over_latest_and_over_folder_names(tmp_path):
     checkpoints = _three_checkpoints(tmp_path)
-    (checkpoints / LATEST_FILE).write_text("step_00000002\n")  # step 3 is from an abandoned history
+    # LATEST is a hint: its update failing after step 3 committed must not send resume back.
+    (checkpoints / LATEST_FILE).write_text("step_00000002\n")
+    service, parts = make_service(tmp_path, parts=make_parts(seed=7))
+    assert service.resume("auto").step == 3
+
+
+def test_an_abandoned_higher_numbered_folder_loses_to_later_commits(tmp_path):
+    checkpoints = _three_checkpoints(tmp_path)
+    manifest = json.loads((checkpoints / "step_00000002" / MANIFEST_FILE).read_text())
+    # Step 2 re-committed after step 3 (a later history): its sequence is higher.
+    manifest["sequence"] = 99
+    (checkpoints / "step_00000002" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (checkpoints / LATEST_FILE).write_text("step_00000003\n")
+    service, _ = make_service(tmp_path, parts=make_parts(seed=7))
+    assert service.resume("auto").step == 2
+
+
+def test_latest_breaks_ties_between_checkpoints_without_a_sequence(tmp_path):
+    checkpoints = _three_checkpoints(tmp_path)
+    for path in checkpoints.glob("step_*"):  # as written before commit sequences existed
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        del manifest["sequence"]
+        (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (checkpoints / LATEST_FILE).write_text("step_00000002\n")
     service, _ = make_service(tmp_path, parts=make_parts(seed=7))
     assert service.resume("auto").step == 2
 
@@ -427,3 +449,44 @@ def test_a_part_missing_from_the_checkpoint_is_refused(tmp_path):
     service = CheckpointService(tmp_path, make_cfg(), parts, IDENTITY)
     with pytest.raises(CheckpointError, match="does not cover \\['value_head'\\]"):
         service.resume("auto")
+
+
+# ---------------------------------------------------------------------- forks (resume=<path>)
+
+
+def test_a_fork_seeds_a_fresh_folder_then_continues_from_its_own_checkpoints(tmp_path):
+    source_root = _three_checkpoints(tmp_path / "old")
+    source = source_root / "step_00000002"
+    service, parts = make_service(tmp_path / "fork", parts=make_parts(seed=7))
+    assert service.resume(str(source)).path == source
+    run_steps(service, parts, 2, 5)
+    assert saved(tmp_path / "fork") == [f"step_0000000{i}" for i in (3, 4, 5)]
+    manifest = json.loads((tmp_path / "fork" / "checkpoints" / "step_00000005" / MANIFEST_FILE).read_text())
+    assert manifest["forked_from"] == str(source.resolve())
+
+    # The same command again (a requeued job): the fork's own newest, not the source again.
+    service, parts = make_service(tmp_path / "fork", parts=make_parts(seed=7))
+    result = service.resume(str(source))
+    assert result.step == 5 and parts["counter"].steps == 5
+    # resume=auto continues the fork too, and keeps recording where it came from.
+    service, parts = make_service(tmp_path / "fork", parts=make_parts(seed=7))
+    service.resume("auto")
+    run_steps(service, parts, 5, 6)
+    manifest = json.loads((tmp_path / "fork" / "checkpoints" / "step_00000006" / MANIFEST_FILE).read_text())
+    assert manifest["forked_from"] == str(source.resolve())
+    # The source run was only read.
+    assert saved(tmp_path / "old") == ["step_00000001", "step_00000002", "step_00000003"]
+
+
+def test_a_fork_into_a_folder_with_another_history_is_refused(tmp_path):
+    source = _three_checkpoints(tmp_path / "old") / "step_00000002"
+    _three_checkpoints(tmp_path / "other")
+    before = sorted(p.name for p in (tmp_path / "other" / "checkpoints").iterdir())
+    service, _ = make_service(tmp_path / "other", parts=make_parts(seed=7))
+    with pytest.raises(CheckpointError, match="already holds another history"):
+        service.resume(str(source))
+    assert sorted(p.name for p in (tmp_path / "other" / "checkpoints").iterdir()) == before
+    # The run's own checkpoint folder named as the source is the same refusal: it is not a fork.
+    service, _ = make_service(tmp_path / "old", parts=make_parts(seed=7))
+    with pytest.raises(CheckpointError, match="already holds another history"):
+        service.resume(str(source))

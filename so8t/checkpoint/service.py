@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from so8t.checkpoint.errors import CheckpointError
+from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
 from so8t.checkpoint.identity import DEFAULT_SHAPE_KEYS, compare_identity, describe_differences
 from so8t.checkpoint.policy import SavePolicy
 from so8t.checkpoint.retention import Retention
@@ -38,6 +38,7 @@ from so8t.checkpoint.store import (
     MANIFEST_FILE,
     CheckpointStore,
     checkpoint_name,
+    manifest_sequence,
     parse_step,
 )
 from so8t.checkpoint.writer import AsyncCheckpointWriter
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 SAVE_REASONS = ("time", "step", "signal", "deadline", "end", "manual")
 # Free space wanted before a save, as a multiple of the expected checkpoint size.
 SPACE_MARGIN = 1.1
+# Defaults of the two limits after which failing saves stop the run (see _check_protected).
+MAX_FAILED_SAVES = 5
+MAX_UNPROTECTED = 3.0
 _RESERVED_PARTS = ("rng", "extra")
 
 
@@ -83,6 +87,7 @@ class CheckpointService:
         clock: Callable[[], float] = time.monotonic,
         shape_keys: Iterable[str] = DEFAULT_SHAPE_KEYS,
         world_size: int | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         """
         ``cfg``: a ``CheckpointConfig``-like object (attribute access). ``parts``: name →
@@ -103,11 +108,29 @@ class CheckpointService:
         self.extra_state = extra_state
         self.shape_keys = tuple(shape_keys)
         self.world_size = world_size if world_size is not None else _world_size()
-        self.store = CheckpointStore(self.run_dir / "checkpoints")
+        self.store = CheckpointStore(self.run_dir / "checkpoints", fence=fence)
         self.policy = SavePolicy(cfg.policy, cfg.every_seconds, cfg.every_steps, clock=clock)
         self.retention = Retention(cfg.keep_last, cfg.keep_every_steps)
         self.writer = AsyncCheckpointWriter() if cfg.async_write else None
         self.last_saved: SavedCheckpoint | None = None
+        # The checkpoint this service restored or committed: sound by construction, so it is
+        # never deleted, whatever LATEST or the folder names say.
+        self.newest_verified: SavedCheckpoint | None = None
+        # Where this run's history was forked from (resume=<path>); recorded in every manifest.
+        self.forked_from: str | None = None
+        # Accounting of saves that did not commit, for session.json and the stop rule.
+        self.failed_saves = 0
+        self.skipped_saves = 0
+        self.failures_in_row = 0
+        self.max_failed_saves = int(getattr(cfg, "max_failed_saves", None) or MAX_FAILED_SAVES)
+        self.max_unprotected = float(getattr(cfg, "max_unprotected", None) or MAX_UNPROTECTED)
+        self._clock = clock
+        self._protected_step = 0  # step and clock of the last commit (or of the start)
+        self._protected_time = clock()
+        self._retry_reason: str | None = None  # a failed save's reason: try again next boundary
+        self._in_flight: tuple[Any, int, str] | None = None  # (future, step, reason)
+        self._last_error: BaseException | None = None  # of the last background write, until a commit
+        self._sound: dict[str, bool] = {}  # checkpoint folder name -> verified sound
         self._resumed_size = 0
         self._closed = False
         # The tensors of the previous snapshot, overwritten by the next one (see _snapshot).
@@ -116,17 +139,25 @@ class CheckpointService:
     # ------------------------------------------------------------------ saving
 
     def maybe_save(self, step: int) -> Path | None:
-        """Save if the policy says so. Returns the checkpoint's path (for an async write,
-        the path it will have once committed), or ``None`` if nothing was saved.
+        """Save if the policy says so, or if the previous save failed. Returns the checkpoint's
+        path (for an async write, the path it will have once committed), or ``None`` if nothing
+        was saved.
 
-        Never raises for a full disk or an I/O error: it logs loudly and training goes on;
-        the older checkpoints stay intact. A skipped or failed save waits for the next
-        cadence rather than retrying every step.
+        A full disk or an I/O error is logged as an ERROR and counted, the older checkpoints
+        stay intact, training goes on and the save is retried at the next step boundary. When
+        saves keep failing (``max_failed_saves`` in a row, or no commit for ``max_unprotected``
+        cadence intervals) it raises :class:`CheckpointingStalledError`: training on with
+        nothing to resume from would only lose more work.
         """
-        reason = self.policy.due(step)
-        if reason is None:
-            return None
-        return self._save(step, reason, background=self.writer is not None, strict=False)
+        self._settle(block=False)
+        reason = self.policy.due(step) or self._retry_reason
+        path = None
+        if reason is not None:
+            path = self._save(step, reason, background=self.writer is not None, strict=False)
+            if self.writer is None or path is None:
+                self._settle(block=False)
+        self._check_protected(step)
+        return path
 
     def save_now(self, step: int, reason: str) -> Path:
         """Save synchronously (final, signal, deadline saves); raise CheckpointError on failure."""
@@ -138,15 +169,23 @@ class CheckpointService:
 
     def wait(self) -> BaseException | None:
         """Wait for the background write in flight, if any; return its error."""
-        return self.writer.wait() if self.writer is not None else None
+        return self._settle(block=True)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counts of saves that did not commit, for session.json."""
+        return {"failed_saves": self.failed_saves, "skipped_saves": self.skipped_saves,
+                "failures_in_row": self.failures_in_row}
 
     def close(self) -> None:
         """Finish the write in flight; raise CheckpointError if the last write failed."""
         if self._closed or self.writer is None:
             self._closed = True
             return
+        self._settle(block=True)
+        error = self._last_error
         self._closed = True
-        error = self.writer.close()
+        self.writer.close()
         if error is not None:
             raise CheckpointError(
                 f"the last background checkpoint write failed ({error!r}); "
@@ -156,7 +195,7 @@ class CheckpointService:
     def _save(self, step: int, reason: str, *, background: bool, strict: bool) -> Path | None:
         # One write in flight: the next save waits here, and the free-space figure below
         # then includes the previous checkpoint.
-        self.wait()
+        self._settle(block=True)
         self.policy.mark_saved(step)
 
         tensors, skeleton = self._snapshot()
@@ -167,9 +206,10 @@ class CheckpointService:
                 f"a checkpoint needs about {needed / 1e6:.1f} MB"
             )
             if not strict:
-                logger.warning("%s; SKIPPING the checkpoint at step %d, training goes on", message, step)
+                self.skipped_saves += 1
+                self._failed(step, reason, f"{message}; SKIPPING the checkpoint at step {step}")
                 return None
-            logger.warning("%s; trying the %s save at step %d anyway", message, reason, step)
+            logger.error("%s; trying the %s save at step %d anyway", message, reason, step)
 
         meta = {
             "reason": reason,
@@ -177,21 +217,85 @@ class CheckpointService:
             "part_types": {name: type(part).__qualname__ for name, part in self.parts.items()},
             "config_identity": self.config_identity,
             "world_size": self.world_size,
+            "forked_from": self.forked_from,
         }
         if background:
             assert self.writer is not None
-            self.writer.submit(self._write, step, tensors, skeleton, meta, reason)
+            future = self.writer.submit(self._write, step, tensors, skeleton, meta, reason)
+            self._in_flight = (future, step, reason)
             return self.store.root / checkpoint_name(step)
         try:
-            return self._write(step, tensors, skeleton, meta, reason)
+            path = self._write(step, tensors, skeleton, meta, reason)
         except OSError as exc:
-            logger.error(
-                "Checkpoint at step %d (%s) FAILED: %s. The temporary folder was removed and "
-                "older checkpoints are intact.", step, reason, exc, exc_info=True,
-            )
+            self.failed_saves += 1
+            self._failed(step, reason, f"Checkpoint at step {step} ({reason}) FAILED: {exc}. The temporary "
+                                       "folder was removed and older checkpoints are intact")
             if strict:
                 raise CheckpointError(f"could not save the {reason} checkpoint at step {step}: {exc}") from exc
             return None
+        self._committed(step)
+        return path
+
+    def _settle(self, *, block: bool) -> BaseException | None:
+        """Account for the background write once it is done: a failure is counted and logged
+        here, in the training thread, exactly once. Returns that write's error, if any."""
+        if self._in_flight is None:
+            return None
+        future, step, reason = self._in_flight
+        if not block and not future.done():
+            return None
+        self._in_flight = None
+        error = future.exception()
+        if isinstance(error, OwnershipLostError):
+            raise error  # not a failed save to retry: this process must stop writing
+        if error is None:
+            self._committed(step)
+            return None
+        self.failed_saves += 1
+        self._last_error = error
+        self._failed(step, reason, f"Checkpoint at step {step} ({reason}) FAILED in the background: {error!r}")
+        return error
+
+    def _committed(self, step: int) -> None:
+        self._last_error = None
+        self.failures_in_row = 0
+        self._retry_reason = None
+        self._protected_step = step
+        self._protected_time = self._clock()
+
+    def _failed(self, step: int, reason: str, what: str) -> None:
+        self.failures_in_row += 1
+        self._retry_reason = reason
+        newest = self.newest_verified
+        logger.error(
+            "%s. %d save(s) in a row did not commit (%d failed, %d skipped in all); the newest good "
+            "checkpoint is %s; retrying at the next step boundary.",
+            what, self.failures_in_row, self.failed_saves, self.skipped_saves,
+            f"step {newest.step}" if newest else "none",
+        )
+
+    def _check_protected(self, step: int) -> None:
+        """Raise CheckpointingStalledError when saves keep failing (see maybe_save)."""
+        if self.failures_in_row == 0:
+            return
+        why = None
+        if self.failures_in_row >= self.max_failed_saves:
+            why = f"{self.failures_in_row} saves in a row failed or were skipped (checkpoint.max_failed_saves)"
+        elif self.policy.uses_steps and step - self._protected_step > self.max_unprotected * self.policy.every_steps:
+            why = (f"no checkpoint was committed for {step - self._protected_step} steps, more than "
+                   f"{self.max_unprotected:g} x every_steps (checkpoint.max_unprotected)")
+        elif (self.policy.uses_time
+              and self._clock() - self._protected_time > self.max_unprotected * self.policy.every_seconds):
+            why = (f"no checkpoint was committed for {self._clock() - self._protected_time:.0f} s, more than "
+                   f"{self.max_unprotected:g} x every_seconds (checkpoint.max_unprotected)")
+        if why is None:
+            return
+        newest = self.newest_verified
+        raise CheckpointingStalledError(
+            f"checkpointing is failing: {why}; stopping rather than training unprotected. "
+            f"The newest good checkpoint is {newest.path if newest else 'none'}; see the errors above "
+            f"(a full disk?), fix the cause and run the same command again to resume."
+        )
 
     def _snapshot(self) -> tuple[dict[str, Any], Any]:
         """Deep CPU copy of every part, the RNGs and the extra state, taken at the boundary.
@@ -214,6 +318,8 @@ class CheckpointService:
         path = self.store.save(step, tensors, skeleton, meta)
         size = self.store.size_of(path)
         self.last_saved = SavedCheckpoint(step=step, path=path, reason=reason, size_bytes=size)
+        self.newest_verified = self.last_saved
+        self._sound[path.name] = True
         logger.info("Saved checkpoint %s (%s, %.2f MB)", path.name, reason, size / 1e6)
         try:
             self._apply_retention(newest_verified=step)
@@ -223,11 +329,28 @@ class CheckpointService:
 
     # ------------------------------------------------------------------ retention & space
 
+    def _sound_checkpoints(self) -> dict[int, Path]:
+        """The committed checkpoints that verify, by step. Corrupt or foreign folders do not
+        count toward ``keep_last`` (they would push sound ones out). Each folder is hashed
+        once per process; the ones this service wrote or restored are known sound."""
+        sound = {}
+        for path in self.store.list_checkpoints():
+            if path.name not in self._sound:
+                problems = self.store.verify(path)
+                if problems:
+                    logger.warning("Checkpoint %s does not verify and does not count toward keep_last: %s",
+                                   path, "; ".join(problems))
+                self._sound[path.name] = not problems
+            if self._sound[path.name]:
+                sound[parse_step(path.name)] = path
+        return sound
+
     def _apply_retention(self, newest_verified: int) -> list[int]:
-        existing = {parse_step(p.name): p for p in self.store.list_checkpoints()}
+        sound = self._sound_checkpoints()
         deleted = []
-        for step in self.retention.select_to_delete(existing, newest_verified):
-            if self.store.delete(existing[step]):
+        for step in self.retention.select_to_delete(sound, newest_verified):
+            if self.store.delete(sound[step]):
+                self._sound.pop(sound[step].name, None)
                 deleted.append(step)
         if deleted:
             logger.info("Retention removed checkpoints at steps %s", deleted)
@@ -236,24 +359,20 @@ class CheckpointService:
     def _ensure_space(self, step: int, needed: int) -> bool:
         if _free_bytes(self.store.root) >= needed:
             return True
-        # Delete now what retention will delete anyway once this save is committed.
-        existing = {parse_step(p.name): p for p in self.store.list_checkpoints()}
-        protect = self._newest_known_good(existing)
-        doomed = [s for s in self.retention.select_to_delete([*existing, step], protect) if s != step]
+        # Delete now what retention will delete anyway once this save is committed; never the
+        # newest verified checkpoint, which may be all there is to resume from if this save fails.
+        sound = self._sound_checkpoints()
+        protect = self.newest_verified.step if self.newest_verified is not None else None
+        doomed = [s for s in self.retention.select_to_delete([*sound, step], protect) if s != step]
         for old in doomed:
-            if self.store.delete(existing[old]):
+            if old == protect:
+                continue
+            if self.store.delete(sound[old]):
+                self._sound.pop(sound[old].name, None)
                 logger.warning("Low disk space: removed checkpoint step %d early to make room", old)
             if _free_bytes(self.store.root) >= needed:
                 return True
         return False
-
-    def _newest_known_good(self, existing: Mapping[int, Path]) -> int | None:
-        if self.last_saved is not None:
-            return self.last_saved.step
-        latest = self.store.read_latest()
-        if latest is not None:
-            return parse_step(latest)
-        return max(existing) if existing else None
 
     def _previous_size(self) -> int:
         if self.last_saved is not None:
@@ -271,6 +390,9 @@ class CheckpointService:
         ``mode``: ``"auto"`` (newest usable checkpoint of this run, or fresh if there is
         none), ``"never"`` (fresh; refuses a run folder that holds checkpoints) or a path (a
         checkpoint folder, or a run/checkpoints folder whose newest usable one is taken).
+        A path only *seeds* this run: once the run has checkpoints of its own, the same path
+        continues from them (a re-queued job makes progress), and a folder holding another
+        history (checkpoints not forked from that path) is refused rather than written over.
         Raises CheckpointError when checkpoints exist but none is usable, or the config
         identity differs in a key that changes the saved state's shape.
         """
@@ -293,7 +415,23 @@ class CheckpointService:
                 self.policy.mark_saved(0)
                 return None
         else:
-            found = _find_explicit(Path(mode_str))
+            source = str(Path(mode_str).expanduser().resolve())
+            own = _find_newest(self.store, cleanup=True)
+            if own is None:
+                found = _find_explicit(Path(mode_str))
+                logger.info("Forking a new history in %s from %s", self.run_dir, source)
+            else:
+                origin = own[1][2].get("forked_from")
+                if origin != source:
+                    raise CheckpointError(
+                        f"resume={mode_str}, but {self.run_dir} already holds another history "
+                        f"({own[0].name}, {'forked from ' + str(origin) if origin else 'not forked'}); "
+                        "refusing to write over it. Choose another run_name for the fork, or use "
+                        "resume=auto to continue the run that is there."
+                    )
+                logger.info("Continuing the fork of %s from its own newest checkpoint %s", source, own[0].name)
+                found = own
+            self.forked_from = source
         path, loaded, rejected = found
         return self._restore(path, loaded, rejected, identity)
 
@@ -301,6 +439,8 @@ class CheckpointService:
         tensors, skeleton, manifest = loaded
 
         saved_identity = manifest.get("config_identity") or {}
+        if not isinstance(saved_identity, dict):  # verify() refuses it; a hand-made call might not
+            raise CheckpointError(f"checkpoint {path} has a {MANIFEST_FILE} whose config_identity is not an object")
         refused, changed = compare_identity(saved_identity, identity, self.shape_keys)
         if refused:
             raise CheckpointError(
@@ -318,8 +458,11 @@ class CheckpointService:
         try:
             state = unflatten_state(skeleton, tensors)
             saved_parts, saved_rng = state["parts"], state["rng"]
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {path} has an inconsistent {path.name}/state.json: {exc!r}") from exc
+            if not isinstance(saved_parts, dict):
+                raise TypeError("parts is not an object")
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} has an inconsistent {path.name}/state.json: {str(exc)[:200]!r}") from exc
         missing = [name for name in self.parts if name not in saved_parts]
         if missing:
             raise CheckpointError(
@@ -344,6 +487,18 @@ class CheckpointService:
         step = int(manifest["step"])
         self.policy.mark_saved(step)
         self._resumed_size = CheckpointStore(path.parent).size_of(path)
+        if path.parent == self.store.root:
+            self.newest_verified = SavedCheckpoint(step=step, path=path, reason=str(manifest.get("reason")),
+                                                   size_bytes=self._resumed_size)
+            self._sound[path.name] = True
+            if self.forked_from is None:
+                origin = manifest.get("forked_from")
+                self.forked_from = origin if isinstance(origin, str) else None
+        for bad, _ in rejected:
+            if bad.parent == self.store.root:
+                self._sound[bad.name] = False
+        self._protected_step = step
+        self._protected_time = self._clock()
         logger.info("Resumed from %s (step %d, saved for %s)", path, step, manifest.get("reason", "?"))
         return ResumeResult(
             step=step,
@@ -371,16 +526,19 @@ def _find_newest(store: CheckpointStore, *, cleanup: bool) -> _Found | None:
     if not candidates:
         return None
 
-    # LATEST is trusted over names: after a resume from an older checkpoint, a higher-numbered
-    # folder may belong to an abandoned history. But it is only a hint: checked like the rest.
-    ordered = list(reversed(candidates))
+    # Newest commit first: each manifest carries a commit sequence, so a folder committed after
+    # LATEST's target (its LATEST update failed) wins, and a higher-numbered folder from an
+    # abandoned history loses. LATEST only breaks ties (checkpoints written before sequences).
     latest = store.read_latest()
     if latest is None:
-        logger.warning("%s is missing or unreadable; choosing among checkpoints by step", store.root / LATEST_FILE)
+        logger.warning("%s is missing or unreadable; choosing among checkpoints by commit order",
+                       store.root / LATEST_FILE)
     elif not (store.root / latest).is_dir():
         logger.warning("%s names %s, which does not exist; ignoring it", store.root / LATEST_FILE, latest)
-    else:
-        ordered.sort(key=lambda p: p.name != latest)  # stable: LATEST first, then newest first
+    # Folders with a malformed manifest go first only to be rejected with their reason logged.
+    manifests = {p: _read_manifest_quietly(p) for p in candidates}
+    ordered = sorted(candidates, reverse=True, key=lambda p: (
+        _malformed(manifests[p]), manifest_sequence(manifests[p]), p.name == latest, parse_step(p.name)))
 
     rejected: list[tuple[Path, list[str]]] = []
     for path in ordered:
@@ -420,6 +578,21 @@ def _find_explicit(path: Path) -> _Found:
             if found is not None:
                 return found
     raise CheckpointError(f"resume path {path} is not a checkpoint folder and holds no checkpoints")
+
+
+def _malformed(manifest: Any) -> bool:
+    """No manifest object, or a sequence that is not a number: rejected by verify()."""
+    if not isinstance(manifest, dict):
+        return True
+    sequence = manifest.get("sequence", 0)
+    return not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0
+
+
+def _read_manifest_quietly(path: Path) -> Any:
+    try:
+        return json.loads((path / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def _children(path: Path) -> list[Path]:

@@ -42,6 +42,7 @@ import torch
 
 from so8t.checkpoint.errors import CheckpointError
 from so8t.run.atomic import atomic_write_text, fsync_dir
+from so8t.run.faults import fail_point, pause_point
 
 __all__ = [
     "CheckpointStore",
@@ -72,7 +73,7 @@ DEL_PREFIX = ".del-"  # a folder being deleted by retention
 
 _NAME_RE = re.compile(r"^step_(\d{8,})$")
 # Manifest keys the store owns; caller metadata may not override them.
-_RESERVED = frozenset({"format", "format_version", "step", "created", "created_unix", "files", "versions"})
+_RESERVED = frozenset({"format", "format_version", "step", "sequence", "created", "created_unix", "files", "versions"})
 _HASH_CHUNK = 1 << 20
 _IS_WINDOWS = os.name == "nt"
 
@@ -110,8 +111,11 @@ def library_versions() -> dict[str, str | None]:
 
 
 class CheckpointStore:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], fence: Any = None) -> None:
+        """``fence``: called right before each commit (and each ``LATEST`` move or deletion);
+        it raises when this process no longer owns the run (see so8t.run.lock.check_owner)."""
         self.root = Path(root)
+        self.fence = fence or (lambda: None)
 
     # ------------------------------------------------------------------ write
 
@@ -141,34 +145,59 @@ class CheckpointStore:
         final = self.root / name
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+        sequence = self.next_sequence()
         tmp.mkdir()
         try:
-            files = {
-                TENSORS_FILE: _write_tensors(tmp / TENSORS_FILE, tensors),
-                # allow_nan: Python reads NaN/Infinity back; refusing would crash a save
-                # over one diverged scalar, which is exactly when a checkpoint matters.
-                STATE_FILE: _write_durable(tmp / STATE_FILE, _json_bytes(state)),
-            }
+            pause_point("save.tmp_created")
+            files = {TENSORS_FILE: _write_tensors(tmp / TENSORS_FILE, tensors)}
+            pause_point("save.tensors_written")
+            # allow_nan: Python reads NaN/Infinity back; refusing would crash a save
+            # over one diverged scalar, which is exactly when a checkpoint matters.
+            fail_point("checkpoint.state")
+            files[STATE_FILE] = _write_durable(tmp / STATE_FILE, _json_bytes(state))
+            pause_point("save.state_written")
             now = time.time()
             manifest = {
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
                 "step": step,
+                "sequence": sequence,
                 **meta,
                 "files": files,
                 "versions": library_versions(),
                 "created": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
                 "created_unix": now,
             }
+            fail_point("checkpoint.manifest")
             _write_durable(tmp / MANIFEST_FILE, _json_bytes(manifest, indent=2))
+            pause_point("save.manifest_written")
             fsync_dir(tmp)
+            pause_point("save.tmp_synced")
+            self.fence()
             self._commit(tmp, final)
         except BaseException:
             _remove_tree(tmp)
             raise
-        self.write_latest(name)
+        pause_point("save.committed")
+        # LATEST is only a hint (resume orders checkpoints by their commit sequence): the
+        # checkpoint is committed and durable now, so failing to move the hint is no failure.
+        try:
+            self.fence()
+            self.write_latest(name)
+        except OSError as exc:
+            logger.error("Committed checkpoint %s but could not update %s: %s (resume still finds it: "
+                         "checkpoints are ordered by their commit sequence)", name, LATEST_FILE, exc)
+        pause_point("save.latest_written")
         logger.debug("Committed checkpoint %s", final)
         return final
+
+    def next_sequence(self) -> int:
+        """1 + the highest commit sequence among the manifests here: a counter that orders
+        checkpoints by commit time without trusting a clock or the LATEST file."""
+        highest = 0
+        for path in self.list_checkpoints():
+            highest = max(highest, manifest_sequence(_read_json(path / MANIFEST_FILE)))
+        return highest + 1
 
     def _commit(self, tmp: Path, final: Path) -> None:
         # A folder cannot be renamed over a non-empty folder (and not over any on Windows),
@@ -184,23 +213,25 @@ class CheckpointStore:
             if aside is not None:
                 _replace(aside, final)
             raise
+        pause_point("save.renamed")
         fsync_dir(self.root)
         if aside is not None:
             _remove_tree(aside)
 
     def write_latest(self, name: str) -> None:
-        atomic_write_text(self.root / LATEST_FILE, name + "\n")
+        atomic_write_text(self.root / LATEST_FILE, name + "\n", fault_site="checkpoint.latest")
 
     def delete(self, path: str | os.PathLike[str]) -> bool:
         """Delete a checkpoint folder this store wrote; refuse (and return False) otherwise."""
         path = Path(path)
-        if path.parent != self.root or parse_step(path.name) is None or not path.is_dir():
+        if path.parent != self.root or parse_step(path.name) is None or path.is_symlink() or not path.is_dir():
             logger.warning("Not deleting %s: not a checkpoint folder of %s", path, self.root)
             return False
         manifest = _read_json(path / MANIFEST_FILE)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             logger.warning("Not deleting %s: it has no manifest written by SO8T", path)
             return False
+        self.fence()
         # Rename first so a crash mid-delete never leaves a half-empty folder under a
         # committed name.
         doomed = self.root / f"{DEL_PREFIX}{path.name}-{secrets.token_hex(4)}"
@@ -245,7 +276,7 @@ class CheckpointStore:
         """Committed ``step_*`` folders, oldest step first. Not verified: see :meth:`verify`."""
         if not self.root.is_dir():
             return []
-        found = [(parse_step(p.name), p) for p in self.root.iterdir() if p.is_dir()]
+        found = [(parse_step(p.name), p) for p in self.root.iterdir() if p.is_dir() or p.is_symlink()]
         return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
     def read_latest(self) -> str | None:
@@ -266,15 +297,21 @@ class CheckpointStore:
     def verify(self, path: str | os.PathLike[str]) -> list[str]:
         """Problems that make the checkpoint at ``path`` unusable; empty if it is sound."""
         path = Path(path)
+        # A link could point anywhere (another run, a file an attacker controls): only real
+        # folders and files count as a checkpoint's.
+        if path.is_symlink():
+            return [f"{path.name} is a symbolic link, not a checkpoint folder"]
         if not path.is_dir():
             return [f"{path.name} is not a folder"]
         manifest_path = path / MANIFEST_FILE
+        if manifest_path.is_symlink():
+            return [f"{MANIFEST_FILE} is a symbolic link"]
         if not manifest_path.is_file():
             return [f"missing {MANIFEST_FILE}"]
         try:
             manifest = json.loads(manifest_path.read_bytes())
-        except (OSError, ValueError) as exc:
-            return [f"unparsable {MANIFEST_FILE}: {exc}"]
+        except (OSError, ValueError, RecursionError) as exc:
+            return [f"unparsable {MANIFEST_FILE}: {str(exc)[:200]}"]
         if not isinstance(manifest, dict):
             return [f"unparsable {MANIFEST_FILE}: not a JSON object"]
 
@@ -285,8 +322,16 @@ class CheckpointStore:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             problems.append(f"format_version {version!r} is not readable by this SO8T (reads <= {FORMAT_VERSION})")
         name_step = parse_step(path.name)
-        if name_step is not None and manifest.get("step") != name_step:
-            problems.append(f"step mismatch: folder says {name_step}, manifest says {manifest.get('step')!r}")
+        step = manifest.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            problems.append(f"{MANIFEST_FILE} step {step!r} is not a step number")
+        elif name_step is not None and step != name_step:
+            problems.append(f"step mismatch: folder says {name_step}, manifest says {step!r}")
+        if not isinstance(manifest.get("config_identity", {}), dict):
+            problems.append(f"{MANIFEST_FILE} config_identity is not a JSON object")
+        sequence = manifest.get("sequence", 0)
+        if not isinstance(sequence, int) or isinstance(sequence, bool):
+            problems.append(f"{MANIFEST_FILE} sequence {sequence!r} is not a number")
 
         files = manifest.get("files")
         if not isinstance(files, dict):
@@ -303,10 +348,17 @@ class CheckpointStore:
                 problems.append(f"{MANIFEST_FILE} entry for {name} lacks size or sha256")
                 continue
             file = path / name
-            if not file.is_file():
-                problems.append(f"missing file {name}")
+            try:  # a permission error (or EIO) on one file makes the checkpoint unusable, no more
+                if file.is_symlink():
+                    problems.append(f"{name} is a symbolic link")
+                    continue
+                if not file.is_file():
+                    problems.append(f"missing file {name}")
+                    continue
+                size = file.stat().st_size
+            except OSError as exc:
+                problems.append(f"cannot read {name}: {exc}")
                 continue
-            size = file.stat().st_size
             if size != entry["size"]:
                 problems.append(f"size mismatch for {name}: {size} bytes on disk, {entry['size']} in manifest")
                 continue
@@ -361,8 +413,14 @@ def _json_bytes(obj: Any, indent: int | None = None) -> bytes:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
+
+
+def manifest_sequence(manifest: Any) -> int:
+    """The commit sequence of a manifest (0 when absent or malformed: written before it existed)."""
+    value = manifest.get("sequence", 0) if isinstance(manifest, dict) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _write_durable(path: Path, data: bytes | _Buffers) -> dict[str, Any]:
@@ -419,6 +477,7 @@ def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str,
     # which stalls the training thread during a background write; file writes and sha256
     # release the GIL. Not safetensors.save_file either: its errors arrive as SafetensorError
     # (a full disk would not be an OSError with errno 28) and it adds its own temporary file.
+    fail_point("checkpoint.tensors")
     return _write_durable(path, _safetensors_buffers(tensors))
 
 

@@ -75,7 +75,9 @@ class AsyncCheckpointWriter:
         except BaseException as exc:
             self.last_error = exc
             self.failures += 1
-            logger.error("Background checkpoint write failed", exc_info=True)
+            # An I/O error (a full disk) is the environment's, and its message says it all; a
+            # traceback is kept for what would be a bug.
+            logger.error("Background checkpoint write failed: %s", exc, exc_info=not isinstance(exc, OSError))
             raise
         self.last_error = None
         return result

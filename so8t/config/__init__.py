@@ -27,7 +27,25 @@ def _auto_run_name() -> str:
 
     if not HydraConfig.initialized():
         return "default"
-    return name_from_overrides(HydraConfig.get().overrides.task)
+    overrides = HydraConfig.get().overrides.task
+    return with_fork_suffix(name_from_overrides(overrides), overrides)
+
+
+def with_fork_suffix(name: str, overrides) -> str:
+    """``resume=<path>`` starts a new history from another run's checkpoint: it gets a folder of
+    its own (``fork-<source>-<hash of the source path>``), so it never writes over the run the
+    name would otherwise find, and the same command finds the fork again to continue it."""
+    import hashlib
+    from pathlib import Path
+
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        if key == "resume" and value not in ("", "auto", "never"):
+            source = Path(value).expanduser().resolve()
+            digest = hashlib.sha1(str(source).encode("utf-8")).hexdigest()[:8]
+            fork = f"fork-{source.name}-{digest}"
+            return safe_name(fork if name == "default" else f"{name},{fork}")
+    return name
 
 
 # Where the sweep folder's name is pinned once computed: a key in the master config's resolver

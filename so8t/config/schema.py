@@ -158,6 +158,8 @@ class CheckpointConfig:
     keep_every_steps: Optional[int] = None
     save_on_end: bool = True
     async_write: bool = True
+    max_failed_saves: int = 5
+    max_unprotected: float = 3.0
 
 
 @dataclass

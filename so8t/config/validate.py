@@ -159,6 +159,8 @@ def _check_checkpoint(cfg: DictConfig, problems: list[str]) -> None:
     _positive(cfg, "checkpoint.every_steps", problems)
     _positive(cfg, "checkpoint.keep_last", problems)
     _positive(cfg, "checkpoint.keep_every_steps", problems)
+    _positive(cfg, "checkpoint.max_failed_saves", problems)
+    _positive(cfg, "checkpoint.max_unprotected", problems)
 
 
 def _check_reward(cfg: DictConfig, problems: list[str]) -> None:

@@ -32,15 +32,22 @@ def replace_dir(target: Path, write) -> None:
     for leftover in (tmp, old):
         if leftover.exists():
             shutil.rmtree(leftover)
+    from so8t.run.atomic import fsync_dir
+    from so8t.run.folder_manifest import write_manifest
+
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        # Hashes every file into MANIFEST.json and fsyncs them all, so the rename below can only
+        # ever expose a complete, durable export; so8t-train verifies it before calling a run done.
+        write_manifest(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target.exists():
         target.rename(old)
     tmp.rename(target)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -98,9 +105,15 @@ class LoadedPolicy:
         return texts
 
 
-def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32") -> LoadedPolicy:
+def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32", *,
+                trust_remote_code: bool = False, local_files_only: bool = True) -> LoadedPolicy:
     """Rebuild the trained policy saved in ``path`` (a run's ``final/`` folder, or a folder
-    written by ``so8t-export``)."""
+    written by ``so8t-export``).
+
+    ``policy.json`` is a file anyone who can write the folder can edit, so the settings that
+    would run code or fetch files from elsewhere come from the caller, never from it:
+    ``trust_remote_code`` (run the model repository's own Python code) and
+    ``local_files_only=False`` (download the base model from the hub)."""
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
@@ -114,8 +127,14 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32") -
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a SO8T policy export: {POLICY_FILE} is missing")
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    model_cfg = dict(meta["model"])
+    for key, allowed in (("trust_remote_code", trust_remote_code), ("local_files_only", local_files_only)):
+        if key in model_cfg and model_cfg[key] != allowed:
+            log.warning("%s sets model.%s=%s; using %s=%s as the caller asked", meta_file, key, model_cfg[key],
+                        key, allowed)
+        model_cfg[key] = allowed
     torch_device = torch.device(device)
-    policy, _ = build_policy_and_tokenizer(OmegaConf.create(meta["model"]), OmegaConf.create(meta["adapter"]),
+    policy, _ = build_policy_and_tokenizer(OmegaConf.create(model_cfg), OmegaConf.create(meta["adapter"]),
                                            torch_device, DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     state = load_file(str(path / ADAPTER_FILE))

@@ -12,6 +12,7 @@ folder unreadable to colleagues).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -19,9 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from so8t.run.faults import fail_point
+
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir"]
 
 _IS_WINDOWS = os.name == "nt"
+# What a file system answers when it cannot fsync a folder at all.
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, getattr(errno, "ENOTSUP", errno.EINVAL),
+                          getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -31,16 +37,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        # Some file systems (certain network mounts) refuse fsync on a folder; the data files
-        # themselves were already synced, so carry on.
-        pass
+    except OSError as exc:
+        # Some file systems (certain network mounts) do not implement fsync on a folder; the
+        # data files themselves were synced, so carry on. Any other error (EIO: the disk lost
+        # the write) means the rename may not survive a power cut, and must be reported.
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fault_site: str | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically and durably. ``fault_site``: the name under
+    which the reliability tests can make this write fail (so8t.run.faults)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique dot-name in the same folder: hidden from globs like "*.json", unique per writer.
@@ -51,6 +60,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fd = os.open(tmp, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
+            if fault_site is not None:
+                fail_point(fault_site)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -61,14 +72,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8", *,
+                      fault_site: str | None = None) -> None:
     """Replace ``path`` with ``text`` atomically and durably."""
-    atomic_write_bytes(path, text.encode(encoding))
+    atomic_write_bytes(path, text.encode(encoding), fault_site=fault_site)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2,
+                      fault_site: str | None = None) -> None:
     """Write ``obj`` as JSON atomically. NaN/inf are refused (they are not JSON)."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n", fault_site=fault_site)
 
 
 def _replace(src: Path, dst: Path) -> None:

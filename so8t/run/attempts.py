@@ -22,6 +22,52 @@ log = logging.getLogger(__name__)
 ATTEMPTS_DIR = "attempts"
 
 
+INCOMING_DIR = ".hydra-incoming"  # where Hydra writes first (conf/hydra/default.yaml)
+_STALE_SECONDS = 600  # an incoming record older than this belongs to a process long gone
+
+
+def adopt_hydra_files(run_dir: str | os.PathLike[str], incoming: str | None) -> None:
+    """Make this process's Hydra record (``incoming``, relative to ``run_dir``) the run's
+    ``.hydra/``. Call it only while holding the run lock. Old leftovers of other processes
+    (killed, or refused by the lock) are removed."""
+    run_dir = Path(run_dir)
+    if not incoming or Path(incoming).name == ".hydra":
+        return
+    source = run_dir / incoming
+    if source.is_dir():
+        target = run_dir / ".hydra"
+        if target.exists():
+            aside = run_dir / f".hydra-old-{os.getpid()}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(target, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(source, target)
+    root = run_dir / INCOMING_DIR
+    if root.is_dir():
+        import time
+
+        for stale in root.iterdir():
+            try:
+                if time.time() - stale.stat().st_mtime > _STALE_SECONDS:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass
+        try:
+            root.rmdir()  # only when empty
+        except OSError:
+            pass
+
+
+def discard_hydra_files(run_dir: str | os.PathLike[str], incoming: str | None) -> None:
+    """Remove this process's own Hydra record (refused by the lock: the run is another's)."""
+    if incoming and Path(incoming).name != ".hydra":
+        shutil.rmtree(Path(run_dir) / incoming, ignore_errors=True)
+        try:
+            (Path(run_dir) / INCOMING_DIR).rmdir()
+        except OSError:
+            pass
+
+
 def next_attempt_number(run_dir: str | os.PathLike[str]) -> int:
     """1 + the highest existing ``attempts/NNN`` number (1 for the first attempt)."""
     root = Path(run_dir) / ATTEMPTS_DIR

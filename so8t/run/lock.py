@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 from datetime import datetime
@@ -36,11 +37,12 @@ import filelock
 
 from so8t.run.atomic import atomic_write_json
 
-__all__ = ["RunLock", "RunLockedError"]
+__all__ = ["RunLock", "RunLockedError", "RunLockUnavailableError"]
 
 log = logging.getLogger(__name__)
 
 LOCK_INFO_NAME = ".lock"  # JSON holder record: what a person or tool reads
+OWNER_NAME = ".owner"  # the owner token: the fence every commit checks (see check_owner)
 OS_LOCK_NAME = ".lock.os"  # the file the OS lock is taken on (content unused, never deleted)
 
 
@@ -68,6 +70,18 @@ class RunLockedError(RuntimeError):
         )
 
 
+class RunLockUnavailableError(RuntimeError):
+    """No lock can be taken on the run folder (the file system refuses, the lock file is not a
+    plain file …): running unprotected against a second writer is not an option."""
+
+    def __init__(self, run_dir: Path, error: BaseException):
+        super().__init__(
+            f"cannot take the single-writer lock on {run_dir / OS_LOCK_NAME}: {error}. Without it a second "
+            "process could write this run at the same time. If that path is not a plain file, remove it; "
+            "otherwise put the outputs on a file system that supports locking (paths.output_dir=...)."
+        )
+
+
 class RunLock:
     """Exclusive, non-blocking lock on a run folder. Use as a context manager or acquire/release."""
 
@@ -79,6 +93,7 @@ class RunLock:
         # orphaned DataLoader worker cannot keep a dead run locked.
         self._os_lock = filelock.FileLock(self.run_dir / OS_LOCK_NAME, thread_local=False)
         self._info: dict[str, Any] | None = None
+        self.token: str | None = None
 
     @property
     def held(self) -> bool:
@@ -93,6 +108,8 @@ class RunLock:
             self._os_lock.acquire(blocking=False)
         except filelock.Timeout:
             raise RunLockedError(self.run_dir, self.read_holder()) from None
+        except (OSError, NotImplementedError) as exc:
+            raise RunLockUnavailableError(self.run_dir, exc) from exc
 
         # We own the OS lock, so any record still on disk belongs to a process that is gone.
         previous = self.read_holder()
@@ -108,12 +125,34 @@ class RunLock:
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
             "argv": list(sys.argv),
         }
+        # Fencing: on a file system whose locks do not exclude (some network mounts), two
+        # processes could both get here. Each writes a fresh token; the newer one wins, and the
+        # older finds out at its next commit (check_owner) and stops instead of interleaving.
+        self.token = secrets.token_hex(16)
         try:
             atomic_write_json(self.info_path, info)
+            atomic_write_json(self.run_dir / OWNER_NAME, {"token": self.token, **info})
         except BaseException:
             self._os_lock.release()
             raise
         self._info = info
+
+    def check_owner(self) -> None:
+        """Raise OwnershipLostError unless this process's token is still the run folder's."""
+        if not self.held:
+            return
+        try:
+            token = json.loads((self.run_dir / OWNER_NAME).read_text(encoding="utf-8")).get("token")
+        except (OSError, ValueError, AttributeError):
+            token = None
+        if token != self.token:
+            from so8t.checkpoint.errors import OwnershipLostError
+
+            raise OwnershipLostError(
+                f"another process took over {self.run_dir} (its owner token in {OWNER_NAME} replaced this "
+                "process's): this one stops writing now, so the two never interleave their checkpoints. "
+                "The file system's locks do not keep writers apart; run one process per run folder."
+            )
 
     def release(self) -> None:
         """Drop the lock; remove the holder record only if it is ours."""

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from so8t.run.faults import fail_point
+
 __all__ = ["MetricsWriter", "read_metrics"]
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_partial_last_line(self.path)
         self._file: BinaryIO | None = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+        self._pending: list[str] = []  # rows a failed write left to write next time
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row durably. Non-finite floats become null (JSON has no NaN)."""
@@ -41,13 +44,33 @@ class MetricsWriter:
             raise ValueError(f"{self.path} is closed")
         if "step" not in row:
             raise ValueError("a metrics row needs a 'step'")
-        line = json.dumps(_jsonable(dict(row)), allow_nan=False) + "\n"
-        self._file.write(line.encode("utf-8"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._pending.append(json.dumps(_jsonable(dict(row)), allow_nan=False) + "\n")
+        start = self._file.tell()
+        try:
+            fail_point("metrics")
+            self._file.write("".join(self._pending).encode("utf-8"))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            # A full disk must not end the training (the checkpoints protect it), nor lose the
+            # row: it stays pending and goes out with the next one. Cut off what part of it
+            # reached the file, so no half row sits in the middle of the record.
+            log.error("could not append to %s: %s; %d row(s) kept to write with the next one",
+                      self.path, exc, len(self._pending))
+            try:
+                self._file.seek(start)
+                self._file.truncate(start)
+            except (OSError, ValueError):
+                pass
+            return
+        self._pending.clear()
 
     def close(self) -> None:
         if self._file is not None:
+            if self._pending:
+                log.error("%d metrics row(s) could not be written to %s (steps %s); the steps are "
+                          "logged again when a resume redoes them", len(self._pending), self.path,
+                          ", ".join(str(json.loads(line)["step"]) for line in self._pending))
             self._file.close()
             self._file = None
 

@@ -8,12 +8,13 @@ Layout::
       "total_training_time": 73.4,      # active seconds, supplied by the trainer (see update())
       "last_checkpoint": {"step": 120, "path": "...", "reason": "time"} | null,
       "config_identity": ...,           # whatever the trainer uses to recognise its config
+      "failed_saves": 0, "skipped_saves": 0,  # checkpoint saves that did not commit, all attempts
       "updated": "2025-...",            # last write: the last sign of life of a killed attempt
       "attempts": [
         {"index": 1, "started": "...", "ended": "...", "end_reason": "SIGTERM",
          "exit_code": 143, "resumed_from_step": 0, "host": "...", "pid": 4242,
          "code_version": "<git sha>[-dirty] | <package version>", "status": "interrupted",
-         "active_seconds": 40.2},
+         "active_seconds": 40.2, "failed_saves": 0, "skipped_saves": 0, "failures_in_row": 0},
         ...
       ]
     }
@@ -87,6 +88,7 @@ class SessionFile:
         self._attempt: dict[str, Any] | None = None  # this process's attempt entry
         self._attempt_t0 = 0.0  # monotonic clock at start_attempt
         self._last_write = float("-inf")  # monotonic clock of the last write
+        self._detached = False
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -94,19 +96,24 @@ class SessionFile:
         """Read the file. Missing: start fresh. Corrupt: keep it aside as
         ``session.json.corrupt-<timestamp>``, warn, and start fresh."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            if self.path.is_symlink():
+                raise ValueError("it is a symbolic link")
+            data = json.loads(self.path.read_bytes().decode("utf-8"))
+            _check_session(data)
         except FileNotFoundError:
             self.data = _fresh()
             return self.data
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict) or not isinstance(data.get("attempts", []), list):
-                raise ValueError("not a session object")
-        except ValueError as err:
+        except (ValueError, RecursionError, OSError) as err:  # UnicodeDecodeError is a ValueError
+            # Only the story of the run is in here (resume relies on the checkpoints), so a
+            # damaged file is kept for a person to read and a fresh one started.
             backup = self.path.with_name(f"{self.FILENAME}.corrupt-{datetime.now():%Y%m%d-%H%M%S}")
-            os.replace(self.path, backup)
-            log.warning("%s is unreadable (%s); moved it to %s and starting a fresh session file",
-                        self.path, err, backup.name)
+            try:
+                os.replace(self.path, backup)
+                where = f"moved it to {backup.name}"
+            except OSError as exc:
+                where = f"could not move it aside ({exc})"
+            log.warning("%s is unreadable (%s); %s and starting a fresh session file",
+                        self.path, str(err)[:200], where)
             self.data = _fresh()
             return self.data
         self.data = {**_fresh(), **data}
@@ -181,6 +188,22 @@ class SessionFile:
         self.data["status"] = status
         self._write()
 
+    def set_checkpoint_stats(self, stats: dict[str, int]) -> None:
+        """Counts of checkpoint saves of this attempt that failed or were skipped; the run's
+        totals over all attempts go to the top level (``failed_saves``, ``skipped_saves``)."""
+        self._require_attempt()
+        if all(self._attempt.get(k) == v for k, v in stats.items()):
+            return
+        self._attempt.update(stats)
+        for key in ("failed_saves", "skipped_saves"):
+            self.data[key] = sum(a.get(key, 0) for a in self.data["attempts"]
+                                 if isinstance(a.get(key, 0), int))
+        self._write()
+
+    def detach(self) -> None:
+        """Write nothing more: another process owns the run folder now (see RunLock.check_owner)."""
+        self._detached = True
+
     def flush(self) -> None:
         """Write now, whatever the interval (e.g. right before a long pause)."""
         self._write()
@@ -190,15 +213,41 @@ class SessionFile:
             raise RuntimeError("call start_attempt() first")
 
     def _write(self) -> None:
+        if self._detached:
+            return
         if self._attempt is not None:
             self._attempt["active_seconds"] = round(time.monotonic() - self._attempt_t0, 3)
         self.data["updated"] = _now()
-        atomic_write_json(self.path, self.data)
+        try:
+            atomic_write_json(self.path, self.data, fault_site="session")
+        except OSError as exc:
+            # The story of the run, not what resume relies on: a full disk here must not end
+            # the training; the next update tries again.
+            log.error("could not write %s: %s (the checkpoints are what resume relies on; retrying "
+                      "at the next update)", self.path, exc)
+            return
         self._last_write = time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the current content (for tests and reports)."""
         return copy.deepcopy(self.data)
+
+
+def _check_session(data: Any) -> None:
+    """Raise ValueError unless ``data`` has the shape this module reads and writes."""
+    if not isinstance(data, dict):
+        raise ValueError("not a session object")
+    attempts = data.get("attempts", [])
+    if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
+        raise ValueError("attempts is not a list of objects")
+    for attempt in attempts:
+        index = attempt.get("index", 0)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ValueError(f"attempt index {index!r} is not a number")
+    for key, kinds in (("global_step", (int, type(None))), ("total_training_time", (int, float)), ("status", (str, type(None))),
+                       ("last_checkpoint", (dict, type(None)))):
+        if key in data and (not isinstance(data[key], kinds) or isinstance(data[key], bool)):
+            raise ValueError(f"{key} has the wrong type")
 
 
 @functools.lru_cache(maxsize=1)
