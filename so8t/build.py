@@ -102,6 +102,8 @@ def build_components(cfg) -> Components:
         gate_schedule=build_gate_schedule(cfg.adapter),
         micro_batch_size=cfg.hardware.micro_batch_size,
         device=device,
+        rollout_micro_batch_size=cfg.hardware.rollout_micro_batch_size,
+        frozen_prefix_reuse=cfg.hardware.frozen_prefix_reuse,
     )
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())
     log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts", n_trainable,

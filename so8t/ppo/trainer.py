@@ -20,6 +20,7 @@ import torch
 
 from so8t.ppo.advantages import gae, masked_whiten, token_rewards
 from so8t.ppo.losses import ppo_losses
+from so8t.ppo.passes import response_logprobs, rollout_prefix, sample_in_chunks
 from so8t.ppo.rollout import Rollout, response_logits, sample_responses, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class ScoredRollout:
     returns: torch.Tensor
     kl: torch.Tensor
     stats: dict
+    # Hidden states entering the first adapted layer (None: no reuse), see so8t.model.prefix.
+    prefix: torch.Tensor | None = None
 
 
 class PPOTrainer:
@@ -97,6 +100,8 @@ class PPOTrainer:
         gate_schedule=None,
         micro_batch_size: int | None = None,
         device: torch.device | str = "cpu",
+        rollout_micro_batch_size: int | None = None,
+        frozen_prefix_reuse: bool = True,
     ) -> None:
         self.policy = policy
         self.tokenizer = tokenizer
@@ -110,6 +115,9 @@ class PPOTrainer:
         self.gate_schedule = gate_schedule
         self.micro_batch_size = micro_batch_size or ppo_cfg.mini_batch_size
         self.device = torch.device(device)
+        # Rows per chunk of the no-grad passes (None: the whole rollout batch at once).
+        self.rollout_micro_batch_size = rollout_micro_batch_size
+        self.frozen_prefix_reuse = frozen_prefix_reuse
         self.counters = Counters()
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
@@ -156,13 +164,22 @@ class PPOTrainer:
         self.policy.eval()
         batch = [self.prompts[i] for i in self.sampler.next_batch()]
         query_ids, query_mask = self._encode_queries([p.text for p in batch])
+        chunk = self.rollout_micro_batch_size
+        began = time.perf_counter()
+        # One uniform number per row and step, drawn for the whole batch: chunks sample the same.
+        uniforms = torch.rand(query_ids.shape[0], cfg.max_new_tokens, device=self.device)
         with self.policy.frozen_adapters():
-            rollout = sample_responses(
-                self.policy, query_ids, query_mask, cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id
+            rollout = sample_in_chunks(
+                lambda ids, mask, rows: sample_responses(
+                    self.policy, ids, mask, cfg.max_new_tokens, cfg.temperature, self.eos_id, self.pad_id,
+                    uniforms=uniforms[rows]),
+                query_ids, query_mask, chunk, self.pad_id,
             )
+        sampled = time.perf_counter()
+        prefix = rollout_prefix(self.policy, rollout, chunk) if self.frozen_prefix_reuse else None
         with self.policy.reference():
-            ref_logits, _, tokens = response_logits(self.policy, rollout)
-            ref_logprobs = token_logprobs(ref_logits, tokens, cfg.temperature, self.pad_id)[0] * rollout.response_mask
+            ref_logprobs, _ = response_logprobs(self.policy, rollout, cfg.temperature, self.pad_id, chunk, prefix)
+        referenced = time.perf_counter()
 
         completions = self._decode_responses(rollout)
         eos = rollout.ended_with_eos.tolist()
@@ -192,17 +209,20 @@ class PPOTrainer:
             "kl/coef": float(self.kl_controller.value),
             "response/length": float(mask.sum(1).mean()),
             "response/eos_rate": float(rollout.ended_with_eos.float().mean()),
+            "time/sampling": sampled - began,
+            # The frozen prefix is computed for (and counted with) the reference pass.
+            "time/reference": referenced - sampled,
         }
         for name, mean in reward.means().items():
             if mean is not None:  # a term that scored nothing (None everywhere) is not logged
                 stats[f"reward/{name}"] = mean
-        return ScoredRollout(rollout, ref_logprobs, scores, advantages, returns, kl, stats)
+        return ScoredRollout(rollout, ref_logprobs, scores, advantages, returns, kl, stats, prefix)
 
     # ------------------------------------------------------------------ PPO
     def _micro_batch_loss(self, scored: ScoredRollout, rows: torch.Tensor, token_weight: float):
         cfg = self.cfg
         ro = scored.rollout
-        logits, values, tokens = response_logits(self.policy, ro, rows)
+        logits, values, tokens = response_logits(self.policy, ro, rows, scored.prefix)
         logprobs, logp_all = token_logprobs(logits, tokens, cfg.temperature, self.pad_id)
         mask = ro.response_mask[rows].float()
         parts = ppo_losses(
@@ -263,10 +283,12 @@ class PPOTrainer:
         scored = self.make_rollout()
         self.policy.train()
         stats: dict[str, list[float]] = {}
+        ppo_began = time.perf_counter()
         for epoch in range(self.cfg.ppo_epochs):
             self.ppo_epoch(scored, stats)
             if on_epoch is not None:
                 on_epoch(epoch)
+        ppo_seconds = time.perf_counter() - ppo_began
         self.policy.eval()
         lr = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler.step()
@@ -286,6 +308,7 @@ class PPOTrainer:
         row["tokens"] = self.counters.tokens
         if gate is not None:
             row["adapter/gate"] = gate
+        row["time/ppo"] = ppo_seconds
         row["time/step"] = step_time
         row["time/training"] = self.counters.training_time
         for key, value in row.items():
