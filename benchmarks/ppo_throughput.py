@@ -243,11 +243,11 @@ def table(config: str, summary: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_results(path: Path, section: list[str]) -> None:
-    """Replace (or append) this benchmark's section, keeping every other section."""
+def write_results(path: Path, section: list[str], title: str = SECTION) -> None:
+    """Replace (or append) the section headed ``title``, keeping every other section."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
     if start is None:
         new = lines + ([""] if lines and lines[-1].strip() else []) + section
     else:

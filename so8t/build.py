@@ -74,7 +74,10 @@ def build_components(cfg) -> Components:
     from so8t.ppo.trainer import PPOTrainer
     from so8t.rewards import build_reward
 
+    from so8t.preflight import check_memory
+
     device, dtype = configure_hardware(cfg.hardware)
+    check_memory(cfg, device)  # before any weight is loaded: a config that cannot fit stops here
     seed_everything(cfg.seed)
     policy, tokenizer = build_policy_and_tokenizer(cfg.model, cfg.adapter, device, dtype)
     if cfg.hardware.gradient_checkpointing:
