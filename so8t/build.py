@@ -45,7 +45,11 @@ def build_policy_and_tokenizer(model_cfg, adapter_cfg, device: torch.device, dty
     from so8t.model.policy import build_policy
 
     base, tokenizer = load_base_model(model_cfg, dtype=dtype, device=device)
-    policy = build_policy(base, adapter_cfg).to(device)
+    policy = build_policy(base, adapter_cfg)
+    if str(getattr(model_cfg, "quantization", "none")) == "none":
+        # A quantised base is already on the device and must not be moved or cast (bitsandbytes
+        # tensors); the adapters and value head are created on its device.
+        policy.to(device)
     return policy, tokenizer
 
 
@@ -74,10 +78,13 @@ def build_components(cfg) -> Components:
     from so8t.ppo.trainer import PPOTrainer
     from so8t.rewards import build_reward
 
+    from so8t.model.quantization import check_quantization
     from so8t.preflight import check_memory
 
     device, dtype = configure_hardware(cfg.hardware)
-    check_memory(cfg, device)  # before any weight is loaded: a config that cannot fit stops here
+    # Before any weight is loaded: a config that cannot run or cannot fit stops here.
+    check_quantization(cfg.model.quantization, device)
+    check_memory(cfg, device)
     seed_everything(cfg.seed)
     policy, tokenizer = build_policy_and_tokenizer(cfg.model, cfg.adapter, device, dtype)
     if cfg.hardware.gradient_checkpointing:
