@@ -50,6 +50,12 @@ CONFIGS = {
     "s768-reuse": (dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048), []),
     "s768-lora": (dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
                   ["adapter=lora", "adapter.target_modules=[qkv_proj,o_proj]"]),
+    # Long prompts, every layer adapted, larger micro-batches: the saved activations dominate.
+    "s512-long-all": (dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536),
+                      ["adapter.layers=null", "hardware.micro_batch_size=4", "data.max_prompt_tokens=160"]),
+    "s512-long-gc": (dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536),
+                     ["adapter.layers=null", "hardware.micro_batch_size=4", "data.max_prompt_tokens=160",
+                      "hardware.gradient_checkpointing=true"]),
 }
 
 
@@ -73,6 +79,8 @@ def compose(model_dir: Path, prompts: Path, sizes: dict, overrides: list[str]):
         base.append(last_quarter(sizes["num_hidden_layers"]))
     adapter_overrides = [o for o in overrides if o.startswith("adapter=")]
     rest = [o for o in overrides if not o.startswith("adapter=")]
+    given = {o.split("=", 1)[0] for o in rest}
+    base = [o for o in base if o.split("=", 1)[0] not in given]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=[*adapter_overrides, *base, *rest])
 
@@ -151,9 +159,10 @@ def run_one(name: str, tmp: Path, args) -> dict:
     model_dir = tmp / f"model-{sizes['hidden_size']}"
     if not model_dir.is_dir():
         _phi35.build_model_dir(model_dir, **sizes)
-    prompts = tmp / "prompts.jsonl"
+    chars = next((int(o.split("=")[1]) for o in overrides if o.startswith("data.max_prompt_tokens=")), PROMPT_CHARS)
+    prompts = tmp / f"prompts-{chars}.jsonl"
     if not prompts.is_file():
-        _phi35.write_prompts(prompts, chars=PROMPT_CHARS)
+        _phi35.write_prompts(prompts, chars=chars)
     cfg = compose(model_dir, prompts, sizes, overrides)
     model, run = shapes_for(cfg, cuda=False)
     est = estimate(model, run)
@@ -203,7 +212,7 @@ def main() -> None:
            f"{platform.python_version()}, torch {torch.__version__}; fp32 CPU, 1 thread.",
            "",
            "Random Phi-3-shaped models (vocabulary 32064), rollout batch 8, mini-batch 4, micro-batch 2, 2 PPO "
-           f"epochs, {PROMPT_CHARS}-token prompts, {RESPONSE}-token responses (the model never samples a stop "
+           f"epochs, {PROMPT_CHARS}-token prompts (unless said), {RESPONSE}-token responses (the model never samples a stop "
            "token), SO(8) adapters on the last quarter of the layers unless the overrides say otherwise. "
            "Measured = bytes alive at the update's start (weights, trainable state, AdamW moments) + the peak "
            "running sum of torch.profiler's allocation events during one update; estimate = the preflight's for the "

@@ -51,6 +51,9 @@ import _bench_common as common  # noqa: E402
 TRL_VERSION = "0.29.1"
 DEFAULT_PEER_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "so8t-bench" / f"trl-{TRL_VERSION}"
 SIDES = ("so8t-so8", "so8t-lora", "trl", "trl-nogc")
+# The Phi-3-shaped configuration compares SO8T with itself: (frozen-prefix reuse, chunked passes).
+PASS_SIDES = {"so8t-full": ("off", False), "so8t-reuse": ("on", False), "so8t-chunked": ("off", True),
+              "so8t-reuse-chunked": ("on", True)}
 SECTION = "## PPO throughput"
 NUM_PROMPTS = 256
 
@@ -118,6 +121,18 @@ def ensure_peer_venv(venv: Path, torch_index_url: str | None = None) -> Path:
 # --------------------------------------------------------------------------------- inputs
 
 def build_model_dir(name: str, folder: Path, seed: int = 0) -> None:
+    spec = common.CONFIGS[name]
+    if "vocab" in spec:  # the Phi-3.5 vocabulary and tokenizer, same never-stop construction
+        import _phi35
+
+        _phi35.build_model_dir(folder, seed=seed, hidden_size=spec["hidden_size"],
+                               num_hidden_layers=spec["num_layers"], num_attention_heads=spec["num_heads"],
+                               intermediate_size=spec["intermediate_size"], vocab_size=spec["vocab"])
+        return
+    _build_tiny_vocab_model_dir(name, folder, seed)
+
+
+def _build_tiny_vocab_model_dir(name: str, folder: Path, seed: int = 0) -> None:
     """A random Phi-3 of the configuration's size + the tiny tokenizer, saved for both sides.
 
     With random weights every token, ``<eos>`` and ``<pad>`` included, has a few percent
@@ -164,7 +179,12 @@ def write_prompts(path: Path, seed: int = 1234) -> None:
 def run_side(side: str, python: str, model_dir: Path, prompts: Path, config: str, args, workdir: Path) -> dict:
     common_args = ["--model-dir", str(model_dir), "--prompts", str(prompts), "--config", config,
                    "--warmup", str(args.warmup), "--updates", str(args.updates), "--threads", str(args.threads)]
-    if side.startswith("so8t"):
+    if side in PASS_SIDES:
+        reuse, chunked = PASS_SIDES[side]
+        chunk = common.CONFIGS[config].get("rollout_chunk", 1) if chunked else 0
+        cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", "so8", "--prefix-reuse", reuse,
+               "--rollout-chunk", str(chunk)]
+    elif side.startswith("so8t"):
         cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", side.split("-")[1]]
     else:
         cmd = [python, str(HERE / "_trl_peer.py"), *common_args, "--output-dir", str(workdir / "trl-out")]
@@ -204,6 +224,8 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
             rss_import_mb=median([r["rss_import_mb"] for r in rounds]),
             trainable_parameters=rounds[0]["trainable_parameters"],
             per_round_eps=[round(r["episodes_per_s"], 2) for r in rounds],
+            phases={k: median([r["phase_seconds"][k] for r in rounds]) for k in rounds[0].get("phase_seconds", {})},
+            logprob_diff=max((r.get("logprob_max_abs_diff") or 0.0) for r in rounds),
         )
     return out
 
@@ -241,6 +263,95 @@ def table(config: str, summary: dict[str, dict]) -> list[str]:
                   "| target (>= 2x episodes/s, <= 1x RSS) met |",
                   "|---|---:|---:|---:|---:|---|", *ratios, ""]
     return lines
+
+
+def pass_table(config: str, summary: dict[str, dict]) -> list[str]:
+    """The Phi-3-shaped comparison: phase times and the gain of prefix reuse / chunking."""
+    spec = common.CONFIGS[config]
+    layers = spec["num_layers"]
+    lines = [f"**{config}**: hidden {spec['hidden_size']}, {layers} layers, intermediate {spec['intermediate_size']}, "
+             f"vocabulary {spec['vocab']}, SO(8) adapters on layers {spec['adapter_layers']} (the last quarter), "
+             f"rollout batch {spec['batch']}, {spec['prompt_tokens']}-token prompts, response {spec['response']} "
+             f"tokens, {spec['ppo_epochs']} PPO epochs x {spec['mini_batches']} mini-batch; chunked = "
+             f"hardware.rollout_micro_batch_size={spec['rollout_chunk']}", "",
+             "| side | prefix reuse | chunked | episodes/s | sampling (s) | reference + prefix (s) | PPO epochs (s) "
+             "| reference + PPO (s) | reference + PPO vs full | same in CPU-s | episodes/s vs full "
+             "| max abs log-prob diff, reuse vs full | peak RSS - imports (MiB) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    full = summary.get("so8t-full")
+    for side, (reuse, chunked) in PASS_SIDES.items():
+        if side not in summary:
+            continue
+        s = summary[side]
+        ph = s["phases"]
+        work = ph["time/reference"] + ph["time/ppo"]
+        cpu_work = ph["cpu/reference"] + ph["cpu/ppo"]
+        if full:
+            fph = full["phases"]
+            speed = f"{(fph['time/reference'] + fph['time/ppo']) / work:.2f}x"
+            cpu_speed = f"{(fph['cpu/reference'] + fph['cpu/ppo']) / cpu_work:.2f}x"
+            eps = f"{s['episodes_per_s'] / full['episodes_per_s']:.2f}x"
+        else:
+            speed = cpu_speed = eps = "-"
+        diff = f"{s['logprob_diff']:.1e}" if reuse == "on" else "-"
+        lines.append(f"| {side} | {reuse} | {'yes' if chunked else 'no'} | {s['episodes_per_s']:.2f} | "
+                     f"{ph['time/sampling']:.2f} | {ph['time/reference']:.2f} | {ph['time/ppo']:.2f} | {work:.2f} | "
+                     f"{speed} | {cpu_speed} | {eps} | {diff} | {s['rss_added_mb']:.0f} |")
+    lines += ["", "Target: reference + PPO-epoch time >= 1.5x faster with prefix reuse, identical log-probs "
+              "(the prefix is computed inside the reference phase and counted there).", ""]
+    return lines
+
+
+PASS_CONFIGS = tuple(name for name, spec in common.CONFIGS.items() if "adapter_layers" in spec)
+PASS_SECTION = "## Frozen-prefix reuse and chunked passes"
+
+
+def run_pass_config(config: str, args, tmp: Path, loads: list, raw: dict) -> dict:
+    """Every side of PASS_SIDES on the config, ``args.rounds`` rounds in alternating order."""
+    import _phi35
+
+    spec = common.CONFIGS[config]
+    model_dir = tmp / f"model-{config}"
+    build_model_dir(config, model_dir)
+    prompts = tmp / f"prompts-{config}.jsonl"
+    _phi35.write_prompts(prompts, count=NUM_PROMPTS, chars=spec["prompt_tokens"])
+    sides = list(PASS_SIDES)
+    raw[config] = {side: [] for side in sides}
+    for rnd in range(args.rounds):
+        for side in (sides if rnd % 2 == 0 else list(reversed(sides))):
+            result = run_side(side, sys.executable, model_dir, prompts, config, args, tmp)
+            raw[config][side].append(result)
+            loads.append(load_average())
+            ph = result["phase_seconds"]
+            print(f"[{config} round {rnd + 1}/{args.rounds}] {side:18s} {result['episodes_per_s']:6.2f} episodes/s  "
+                  f"sampling {ph['time/sampling']:.2f} s  reference {ph['time/reference']:.2f} s  "
+                  f"ppo {ph['time/ppo']:.2f} s  log-prob diff {result['logprob_max_abs_diff']}  "
+                  f"(load {loads[-1][0]:.2f})", flush=True)
+    return summarise(raw[config])
+
+
+def pass_report(sections, args, started: float, loads: list) -> list[str]:
+    versions = _versions_here()
+    load_1m = [l[0] for l in loads]
+    out = [PASS_SECTION, "",
+           f"`python benchmarks/ppo_throughput.py --configs {','.join(c for c, _ in sections)} --rounds {args.rounds} "
+           f"--updates {args.updates} --warmup {args.warmup} --threads {args.threads}` "
+           f"({time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, {time.time() - started:.0f} s).",
+           "",
+           f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
+           f"{versions['torch']}, transformers {versions['transformers']}; {args.threads} torch thread(s); fp32 CPU; "
+           f"1-minute load average {min(load_1m):.2f}-{max(load_1m):.2f}.",
+           "",
+           f"Medians over {args.rounds} rounds (alternating order, a fresh process per side and round, "
+           f"{args.warmup} warm-up then {args.updates} timed updates); phase times are the per-update means of the "
+           "metrics row's `time/sampling`, `time/reference` (frozen prefix + reference pass) and `time/ppo` (all PPO "
+           "epochs). A random Phi-3.5-shaped model that never samples a stop token, so every side does the same "
+           "work; the log-prob column is the largest |difference| between the prefix-reuse pass and the full pass "
+           "(policy and reference) on a fresh rollout of the same process.",
+           ""]
+    for config, summary in sections:
+        out += pass_table(config, summary)
+    return out
 
 
 def write_results(path: Path, section: list[str], title: str = SECTION) -> None:
@@ -281,7 +392,9 @@ def main() -> None:
     unknown = [c for c in configs if c not in common.CONFIGS] + [s for s in sides if s not in SIDES]
     if unknown:
         parser.error(f"unknown configuration or side: {unknown}")
-    needs_peer = any(s.startswith("trl") for s in sides)
+    pass_configs = [c for c in configs if c in PASS_CONFIGS]
+    configs = [c for c in configs if c not in PASS_CONFIGS]
+    needs_peer = bool(configs) and any(s.startswith("trl") for s in sides)
     peer_python = str(ensure_peer_venv(args.peer_venv, args.torch_index_url)) if needs_peer else None
 
     started = time.time()
@@ -310,7 +423,20 @@ def main() -> None:
                           f"steps/update {result['optimizer_steps_per_update']:g}  "
                           f"+RSS {result['rss_added_mb']:.0f} MiB  (load {loads[-1][0]:.2f})", flush=True)
             sections.append((config, summarise(raw[config])))
+        pass_sections = []
+        for config in pass_configs:
+            pass_sections.append((config, run_pass_config(config, args, tmp, loads, raw)))
 
+    if pass_sections:
+        out = pass_report(pass_sections, args, started, loads)
+        print("\n".join(out))
+        if args.results:
+            write_results(Path(args.results), out, PASS_SECTION)
+            print(f"\nwrote the '{PASS_SECTION}' section of {args.results}")
+    if not configs:
+        if args.json:
+            args.json.write_text(json.dumps(raw, indent=1))
+        return
     versions = _versions_here()
     peer_versions = next((r["versions"] for c in raw.values() for s, rs in c.items() if s.startswith("trl")
                           for r in rs), None)
