@@ -141,3 +141,22 @@ def test_an_update_is_the_same_with_or_without_prefix_reuse_and_chunking():
             assert {"time/sampling", "time/reference", "time/ppo"} <= set(row)
         for key, value in base_state.items():
             torch.testing.assert_close(state[key], value, **TOL)
+
+
+def test_prefix_reuse_with_gradient_checkpointing_in_train_mode():
+    policy = four_layer_policy(SO8_TOP)
+    assert policy.enable_gradient_checkpointing()
+    policy.train()
+    ids, mask = batch()
+    prefix = policy.frozen_prefix(ids, mask)
+
+    def grads(**kwargs):
+        policy.zero_grad(set_to_none=True)
+        out = policy(ids, mask, **kwargs)
+        (out.logits.square().mean() + out.values.sum()).backward()
+        return out.logits.detach(), [p.grad.clone() for p in policy.trainable_parameters()]
+
+    (full_logits, full_grads), (logits, reused_grads) = grads(), grads(prefix=prefix)
+    torch.testing.assert_close(logits, full_logits, **TOL)
+    for a, b in zip(reused_grads, full_grads):
+        torch.testing.assert_close(a, b, **TOL)
