@@ -160,3 +160,18 @@ def test_prefix_reuse_with_gradient_checkpointing_in_train_mode():
     torch.testing.assert_close(logits, full_logits, **TOL)
     for a, b in zip(reused_grads, full_grads):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_never_picks_a_zero():
+    from so8t.ppo.rollout import inverse_cdf_sample
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    uniforms = torch.rand(40000, generator=generator)
+    tokens = inverse_cdf_sample(probs.expand(40000, -1), uniforms)
+    counts = torch.bincount(tokens, minlength=6).float() / 40000
+    assert counts[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(counts, probs, rtol=0, atol=0.01)
+    # The extremes of [0, 1): the first and the last token of positive probability.
+    edges = inverse_cdf_sample(probs.expand(2, -1), torch.tensor([0.0, 1.0 - 2**-24]))
+    assert edges.tolist() == [1, 4]
