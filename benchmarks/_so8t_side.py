@@ -50,6 +50,40 @@ def time_phases_in_cpu_seconds(trainer) -> dict[str, float]:
     return totals
 
 
+def run_pass_variants(trainer, args, cpu_phases: dict) -> dict:
+    """Variants of the same trainer (frozen-prefix reuse, rollout chunk), one update each in turn,
+    the order reversed every round: a busy machine slows them all alike, which separate runs
+    minutes apart do not guarantee. Switching them between updates is what a resumed run with
+    another hardware profile does; the options change how the numbers are computed, not which."""
+    variants = []
+    for item in args.pass_variants.split(","):
+        name, reuse, chunk = item.split(":")
+        variants.append((name, reuse == "on", int(chunk) or None))
+    times: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+    rss_before = common.rss_now_mb()
+    for rnd in range(args.warmup + args.updates):
+        order = variants if rnd % 2 == 0 else list(reversed(variants))
+        for name, reuse, chunk in order:
+            trainer.frozen_prefix_reuse, trainer.rollout_micro_batch_size = reuse, chunk
+            cpu_phases.update({k: 0.0 for k in cpu_phases})
+            episodes = trainer.counters.episodes
+            row = trainer.train_step()
+            if rnd >= args.warmup:
+                times[name].append({**{k: row[k] for k in ("time/sampling", "time/reference", "time/ppo",
+                                                             "time/step")},
+                                    **{f"cpu/{k}": v for k, v in cpu_phases.items()},
+                                    "episodes": trainer.counters.episodes - episodes})
+    result = {}
+    for name, rows in times.items():
+        seconds = sum(r["time/step"] for r in rows)
+        result[name] = dict(
+            episodes_per_s=sum(r["episodes"] for r in rows) / seconds,
+            phase_seconds={k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "episodes"},
+        )
+    return dict(variants=result, logprob_max_abs_diff=prefix_check(trainer),
+                rss_added_mb=common.rss_peak_mb() - rss_before)
+
+
 def prefix_check(trainer) -> float | None:
     """Max |log-prob difference| between the frozen-prefix pass and the full pass, policy and
     reference, on a fresh rollout (None when the adapters start at layer 0)."""
@@ -84,6 +118,9 @@ def main() -> None:
                         help="hardware.frozen_prefix_reuse")
     parser.add_argument("--rollout-chunk", type=int, default=0,
                         help="hardware.rollout_micro_batch_size (0: the whole rollout batch)")
+    parser.add_argument("--pass-variants", default="",
+                        help="name:reuse(on|off):chunk,... - run these variants of one trainer in turn, one "
+                             "update each per round, instead of one configuration")
     args = parser.parse_args()
     cfg = common.CONFIGS[args.config]
 
@@ -161,6 +198,9 @@ def main() -> None:
     trainer.reward_fn = RewardFunction([RewardTerm("reward_token", fraction_of_reward_token, 1.0)])
 
     cpu_phases = time_phases_in_cpu_seconds(trainer)
+    if args.pass_variants:
+        common.emit(run_pass_variants(trainer, args, cpu_phases))
+        return
     steps = [0]
     trainer.optimizer.register_step_post_hook(lambda *a, **k: steps.__setitem__(0, steps[0] + 1))
     trainable = sum(p.numel() for p in trainer.policy.trainable_parameters())

@@ -184,7 +184,8 @@ def write_prompts(path: Path, seed: int = 1234) -> None:
 
 # ----------------------------------------------------------------------------------- runs
 
-def run_side(side: str, python: str, model_dir: Path, prompts: Path, config: str, args, workdir: Path) -> dict:
+def run_side(side: str, python: str, model_dir: Path, prompts: Path, config: str, args, workdir: Path,
+             extra: list[str] = ()) -> dict:
     common_args = ["--model-dir", str(model_dir), "--prompts", str(prompts), "--config", config,
                    "--warmup", str(args.warmup), "--updates", str(args.updates), "--threads", str(args.threads)]
     if side in PASS_SIDES:
@@ -193,7 +194,7 @@ def run_side(side: str, python: str, model_dir: Path, prompts: Path, config: str
         cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", "so8", "--prefix-reuse", reuse,
                "--rollout-chunk", str(chunk)]
     elif side.startswith("so8t"):
-        cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", side.split("-")[1]]
+        cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", side.split("-")[1], *extra]
     else:
         cmd = [python, str(HERE / "_trl_peer.py"), *common_args, "--output-dir", str(workdir / "trl-out")]
         if side == "trl-nogc":
@@ -284,9 +285,8 @@ def pass_table(config: str, summary: dict[str, dict]) -> list[str]:
              f"hardware.rollout_micro_batch_size={spec['rollout_chunk']}", "",
              "| side | prefix reuse | chunked | episodes/s | sampling (s) | reference + prefix (s) | PPO epochs (s) "
              "| reference + PPO (s) | reference + PPO vs full | reference + PPO (CPU-s) | same in CPU-s vs full "
-             "| sampling (CPU-s) | episodes/s vs full | max abs log-prob diff, reuse vs full "
-             "| peak RSS - imports (MiB) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| sampling (CPU-s) | episodes/s vs full | max abs log-prob diff, reuse vs full |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     full = summary.get("so8t-full")
     for side, (reuse, chunked) in PASS_SIDES.items():
         if side not in summary:
@@ -305,8 +305,7 @@ def pass_table(config: str, summary: dict[str, dict]) -> list[str]:
         diff = f"{s['logprob_diff']:.1e}" if reuse == "on" else "-"
         lines.append(f"| {side} | {reuse} | {'yes' if chunked else 'no'} | {s['episodes_per_s']:.2f} | "
                      f"{ph['time/sampling']:.2f} | {ph['time/reference']:.2f} | {ph['time/ppo']:.2f} | {work:.2f} | "
-                     f"{speed} | {cpu_work:.2f} | {cpu_speed} | {ph['cpu/sampling']:.2f} | {eps} | {diff} "
-                     f"| {s['rss_added_mb']:.0f} |")
+                     f"{speed} | {cpu_work:.2f} | {cpu_speed} | {ph['cpu/sampling']:.2f} | {eps} | {diff} |")
     lines += ["", "Target: reference + PPO-epoch time >= 1.5x faster with prefix reuse, identical log-probs "
               "(the prefix is computed inside the reference phase and counted there).", ""]
     return lines
@@ -325,19 +324,28 @@ def run_pass_config(config: str, args, tmp: Path, loads: list, raw: dict) -> dic
     build_model_dir(config, model_dir)
     prompts = tmp / f"prompts-{config}.jsonl"
     _phi35.write_prompts(prompts, count=NUM_PROMPTS, chars=spec["prompt_tokens"])
-    sides = list(PASS_SIDES)
-    raw[config] = {side: [] for side in sides}
+    chunk = spec["rollout_chunk"]
+    variants = ",".join(f"{side}:{reuse}:{chunk if chunked else 0}" for side, (reuse, chunked) in PASS_SIDES.items())
+    raw[config] = {side: [] for side in PASS_SIDES}
     for rnd in range(args.rounds):
-        for side in (sides if rnd % 2 == 0 else list(reversed(sides))):
-            result = run_side(side, sys.executable, model_dir, prompts, config, args, tmp)
-            raw[config][side].append(result)
-            loads.append(load_average())
-            ph = result["phase_seconds"]
-            print(f"[{config} round {rnd + 1}/{args.rounds}] {side:18s} {result['episodes_per_s']:6.2f} episodes/s  "
+        result = run_side("so8t-so8", sys.executable, model_dir, prompts, config, args, tmp,
+                          extra=["--pass-variants", variants])
+        loads.append(load_average())
+        for side, one in result["variants"].items():
+            raw[config][side].append(dict(one, logprob_max_abs_diff=result["logprob_max_abs_diff"],
+                                          rss_added_mb=result["rss_added_mb"]))
+            ph = one["phase_seconds"]
+            print(f"[{config} round {rnd + 1}/{args.rounds}] {side:18s} {one['episodes_per_s']:6.2f} episodes/s  "
                   f"sampling {ph['time/sampling']:.2f} s  reference {ph['time/reference']:.2f} s  "
-                  f"ppo {ph['time/ppo']:.2f} s  log-prob diff {result['logprob_max_abs_diff']}  "
-                  f"(load {loads[-1][0]:.2f})", flush=True)
-    return summarise(raw[config])
+                  f"ppo {ph['time/ppo']:.2f} s  (CPU: reference {ph['cpu/reference']:.2f} s, ppo {ph['cpu/ppo']:.2f} s)",
+                  flush=True)
+        print(f"[{config} round {rnd + 1}/{args.rounds}] max |log-prob difference| reuse vs full: "
+              f"{result['logprob_max_abs_diff']}  (load {loads[-1][0]:.2f})", flush=True)
+    return {side: dict(episodes_per_s=median([r["episodes_per_s"] for r in rounds]),
+                       phases={k: median([r["phase_seconds"][k] for r in rounds]) for k in rounds[0]["phase_seconds"]},
+                       logprob_diff=max(r["logprob_max_abs_diff"] or 0.0 for r in rounds),
+                       rss_added_mb=median([r["rss_added_mb"] for r in rounds]))
+            for side, rounds in raw[config].items()}
 
 
 def pass_report(sections, args, started: float, loads: list) -> list[str]:
@@ -352,8 +360,10 @@ def pass_report(sections, args, started: float, loads: list) -> list[str]:
            f"{versions['torch']}, transformers {versions['transformers']}; {args.threads} torch thread(s); fp32 CPU; "
            f"1-minute load average {min(load_1m):.2f}-{max(load_1m):.2f}.",
            "",
-           f"Medians over {args.rounds} rounds (alternating order, a fresh process per side and round, "
-           f"{args.warmup} warm-up then {args.updates} timed updates); phase times are the per-update means of the "
+           f"Medians over {args.rounds} rounds; each round is a fresh process with one trainer that runs the four "
+           f"variants in turn, one update each ({args.warmup} warm-up then {args.updates} timed updates per variant, "
+           "the order reversed every update), so a busy machine slows all variants alike; phase times are the "
+           "per-update means of the "
            "metrics row's `time/sampling`, `time/reference` (frozen prefix + reference pass) and `time/ppo` (all PPO "
            "epochs). A random Phi-3.5-shaped model that never samples a stop token, so every side does the same "
            "work; the log-prob column is the largest |difference| between the prefix-reuse pass and the full pass "

@@ -41,7 +41,7 @@ def _run(cfg: DictConfig) -> float:
 
 def _preflight(cfg: DictConfig) -> int:
     """``+preflight=true``: print the memory estimate of this config and exit (0, or 2 when the
-    model's config cannot be read or the device is not there)."""
+    model's config cannot be read or the adapters do not fit the model)."""
     from so8t.errors import ModelNotAvailableError, SetupError
     from so8t.preflight import report
     from so8t.recipe import EXIT_OK, EXIT_REFUSED

@@ -175,3 +175,17 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_never_picks_a_zero():
     # The extremes of [0, 1): the first and the last token of positive probability.
     edges = inverse_cdf_sample(probs.expand(2, -1), torch.tensor([0.0, 1.0 - 2**-24]))
     assert edges.tolist() == [1, 4]
+
+
+def test_the_reference_pass_records_the_frozen_prefix_bit_for_bit():
+    from so8t.ppo.passes import reference_logprobs
+
+    policy = four_layer_policy(SO8_TOP)
+    with torch.no_grad():
+        rollout = _rollout(policy, None)
+    for chunk in (None, 1):
+        logprobs, prefix = reference_logprobs(policy, rollout, 1.0, 0, chunk, keep_prefix=True)
+        assert torch.equal(prefix, rollout_prefix(policy, rollout, chunk))
+        plain, none = reference_logprobs(policy, rollout, 1.0, 0, chunk, keep_prefix=False)
+        assert none is None and torch.equal(plain, logprobs)
+    assert reference_logprobs(four_layer_policy(LORA_ALL), rollout, 1.0, 0, None, keep_prefix=True)[1] is None

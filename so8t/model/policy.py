@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from so8t.model.prefix import capture_prefix, first_adapted_layer, reusing_prefix
+from so8t.model.prefix import capture_prefix, first_adapted_layer, recording_prefix, reusing_prefix
 from so8t.model.so8 import attach_so8_adapters
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,12 @@ class PolicyWithValue(nn.Module):
         # adapters are a plain object: their weights already live inside `base`.
         self.adapter = adapter
         self._cache_kwarg = _cache_kwarg(_decoder_of(self.base))
-        self._first_adapted: int | None = None
+        # Found now, while LoRA's parameters are trainable (switching it off for the reference
+        # pass freezes them); 0 (nothing to reuse) where the decoder layers cannot be found.
+        try:
+            self._first_adapted = first_adapted_layer(self.base, adapter)
+        except ValueError:
+            self._first_adapted = 0
         hidden = self.base.config.hidden_size
         param = next(self.base.parameters())
         self.value_head = nn.Linear(hidden, 1, device=param.device, dtype=torch.float32)
@@ -141,8 +146,6 @@ class PolicyWithValue(nn.Module):
     @property
     def first_adapted_layer(self) -> int:
         """Decoder layers below this index are never changed by the adapters (fixed once built)."""
-        if self._first_adapted is None:
-            self._first_adapted = first_adapted_layer(self.base, self.adapter)
         return self._first_adapted
 
     def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -154,6 +157,16 @@ class PolicyWithValue(nn.Module):
             _decoder_of(self.base), self.first_adapted_layer, input_ids=input_ids,
             attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask), use_cache=False,
         )
+
+    @contextlib.contextmanager
+    def recording_prefix(self) -> Iterator[list[torch.Tensor] | None]:
+        """Forwards inside the block record their frozen prefix into the yielded list, one
+        tensor per forward (None when the adapters start at layer 0)."""
+        if self.first_adapted_layer < 1:
+            yield None
+            return
+        with recording_prefix(_decoder_of(self.base), self.first_adapted_layer) as recorded:
+            yield recorded
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """HF ``generate`` of the adapted model (adapters act inside its forward)."""

@@ -3,7 +3,8 @@
 Within one PPO update nothing below the first adapted layer ``k`` changes: the base is frozen
 and the adapters (SO(8) hooks or LoRA modules) only act from layer ``k`` on. The hidden states
 entering layer ``k`` are therefore the same in the reference pass, in an old-log-prob
-recompute and in every PPO epoch. ``capture_prefix`` computes them once (no grad);
+recompute and in every PPO epoch. ``recording_prefix`` keeps them from a full pass that runs
+anyway (the reference pass), ``capture_prefix`` computes them alone (no grad);
 ``reusing_prefix`` then runs the decoder with layers ``0..k-1`` reduced to a pass-through whose
 last one hands over the captured states, so a forward costs only the layers from ``k`` on.
 Nothing else changes: embeddings, masks and rotary embeddings are computed by the model's own
@@ -69,6 +70,23 @@ def capture_prefix(decoder: nn.Module, first_adapted: int, **forward_kwargs) -> 
     finally:
         handle.remove()
     raise RuntimeError(f"{type(decoder).__name__} never called decoder layer {first_adapted - 1}")
+
+
+@contextlib.contextmanager
+def recording_prefix(decoder: nn.Module, first_adapted: int) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every decoder forward appends the hidden states entering layer
+    ``first_adapted`` (detached) to the yielded list: a full pass that is run anyway (the reference
+    pass) hands over the prefix at no extra cost."""
+    recorded: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        recorded.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handle = decoder.layers[first_adapted - 1].register_forward_hook(hook)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

@@ -86,3 +86,21 @@ def response_logprobs(policy, rollout: Rollout, temperature: float, pad_id: int,
         del logits  # the chunk's rows x response x vocabulary logits go before the next chunk
     mask = rollout.response_mask
     return torch.cat(logprobs) * mask, torch.cat(values) * mask
+
+
+@torch.no_grad()
+def reference_logprobs(policy, rollout: Rollout, temperature: float, pad_id: int, chunk: int | None,
+                       keep_prefix: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference policy's log-probs of the responses (adapters off), chunk by chunk, and,
+    with ``keep_prefix``, the frozen prefix recorded on the way (None when there is none).
+
+    The layers below the first adapter are the same with the adapters off, so the full
+    reference pass yields the prefix that the PPO epochs (and a recompute) then start from."""
+    with policy.reference():
+        if not keep_prefix:
+            return response_logprobs(policy, rollout, temperature, pad_id, chunk)[0], None
+        with policy.recording_prefix() as recorded:
+            logprobs = response_logprobs(policy, rollout, temperature, pad_id, chunk)[0]
+    if not recorded:
+        return logprobs, None
+    return logprobs, torch.cat(recorded) if len(recorded) > 1 else recorded[0]

@@ -20,7 +20,7 @@ import torch
 
 from so8t.ppo.advantages import gae, masked_whiten, token_rewards
 from so8t.ppo.losses import ppo_losses
-from so8t.ppo.passes import response_logprobs, rollout_prefix, sample_in_chunks
+from so8t.ppo.passes import reference_logprobs, sample_in_chunks
 from so8t.ppo.rollout import Rollout, response_logits, sample_responses, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -176,9 +176,9 @@ class PPOTrainer:
                 query_ids, query_mask, chunk, self.pad_id,
             )
         sampled = time.perf_counter()
-        prefix = rollout_prefix(self.policy, rollout, chunk) if self.frozen_prefix_reuse else None
-        with self.policy.reference():
-            ref_logprobs, _ = response_logprobs(self.policy, rollout, cfg.temperature, self.pad_id, chunk, prefix)
+        # The reference pass also records the frozen prefix the PPO epochs start from.
+        ref_logprobs, prefix = reference_logprobs(self.policy, rollout, cfg.temperature, self.pad_id, chunk,
+                                                  keep_prefix=self.frozen_prefix_reuse)
         referenced = time.perf_counter()
 
         completions = self._decode_responses(rollout)
@@ -210,7 +210,7 @@ class PPOTrainer:
             "response/length": float(mask.sum(1).mean()),
             "response/eos_rate": float(rollout.ended_with_eos.float().mean()),
             "time/sampling": sampled - began,
-            # The frozen prefix is computed for (and counted with) the reference pass.
+            # Includes recording the frozen prefix (see so8t.ppo.passes.reference_logprobs).
             "time/reference": referenced - sampled,
         }
         for name, mean in reward.means().items():
