@@ -44,8 +44,7 @@ def time_phases_in_cpu_seconds(trainer) -> dict[str, float]:
         return wrapped
 
     trainer_module.sample_in_chunks = timed("sampling", trainer_module.sample_in_chunks)
-    trainer_module.rollout_prefix = timed("reference", trainer_module.rollout_prefix)
-    trainer_module.response_logprobs = timed("reference", trainer_module.response_logprobs)
+    trainer_module.reference_logprobs = timed("reference", trainer_module.reference_logprobs)
     trainer.ppo_epoch = timed("ppo", trainer.ppo_epoch)
     return totals
 

@@ -123,8 +123,7 @@ def measure(trainer) -> dict:
         return wrapped
 
     trainer_module.sample_in_chunks = ranged("phase:sampling", trainer_module.sample_in_chunks)
-    trainer_module.rollout_prefix = ranged("phase:reference", trainer_module.rollout_prefix)
-    trainer_module.response_logprobs = ranged("phase:reference", trainer_module.response_logprobs)
+    trainer_module.reference_logprobs = ranged("phase:reference", trainer_module.reference_logprobs)
     trainer.ppo_epoch = ranged("phase:ppo", trainer.ppo_epoch)
 
     import gc

@@ -2,7 +2,7 @@
 
     python benchmarks/ppo_throughput.py                    # both configurations, 3 rounds
     python benchmarks/ppo_throughput.py --configs small --rounds 5 --updates 30
-    python benchmarks/ppo_throughput.py --configs phi3 --rounds 2 --updates 2 --warmup 1
+    python benchmarks/ppo_throughput.py --configs phi3 --rounds 3 --updates 3 --warmup 1
 
 The ``phi3`` configuration (Phi-3.5 vocabulary and tokenizer, adapters on the last quarter of the
 layers) compares SO8T with itself instead of TRL: frozen-prefix reuse and chunked passes
@@ -283,7 +283,7 @@ def pass_table(config: str, summary: dict[str, dict]) -> list[str]:
              f"rollout batch {spec['batch']}, {spec['prompt_tokens']}-token prompts, response {spec['response']} "
              f"tokens, {spec['ppo_epochs']} PPO epochs x {spec['mini_batches']} mini-batch; chunked = "
              f"hardware.rollout_micro_batch_size={spec['rollout_chunk']}", "",
-             "| side | prefix reuse | chunked | episodes/s | sampling (s) | reference + prefix (s) | PPO epochs (s) "
+             "| side | prefix reuse | chunked | episodes/s | sampling (s) | reference (s) | PPO epochs (s) "
              "| reference + PPO (s) | reference + PPO vs full | reference + PPO (CPU-s) | same in CPU-s vs full "
              "| sampling (CPU-s) | episodes/s vs full | max abs log-prob diff, reuse vs full |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -307,7 +307,7 @@ def pass_table(config: str, summary: dict[str, dict]) -> list[str]:
                      f"{ph['time/sampling']:.2f} | {ph['time/reference']:.2f} | {ph['time/ppo']:.2f} | {work:.2f} | "
                      f"{speed} | {cpu_work:.2f} | {cpu_speed} | {ph['cpu/sampling']:.2f} | {eps} | {diff} |")
     lines += ["", "Target: reference + PPO-epoch time >= 1.5x faster with prefix reuse, identical log-probs "
-              "(the prefix is computed inside the reference phase and counted there).", ""]
+              "(the reference pass records the prefix; its cost is counted there).", ""]
     return lines
 
 
@@ -364,7 +364,8 @@ def pass_report(sections, args, started: float, loads: list) -> list[str]:
            f"variants in turn, one update each ({args.warmup} warm-up then {args.updates} timed updates per variant, "
            "the order reversed every update), so a busy machine slows all variants alike; phase times are the "
            "per-update means of the "
-           "metrics row's `time/sampling`, `time/reference` (frozen prefix + reference pass) and `time/ppo` (all PPO "
+           "metrics row's `time/sampling`, `time/reference` (the reference pass, which records the frozen prefix) and "
+           "`time/ppo` (all PPO "
            "epochs). A random Phi-3.5-shaped model that never samples a stop token, so every side does the same "
            "work; the log-prob column is the largest |difference| between the prefix-reuse pass and the full pass "
            "(policy and reference) on a fresh rollout of the same process.",
