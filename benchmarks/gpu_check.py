@@ -195,6 +195,32 @@ def overrides_for(variant: str, model_dir: Path, args) -> list[str]:
     return out
 
 
+def ratio_at_start(trainer) -> dict:
+    """Before any update: the training forward's log-probs of a fresh rollout against those the
+    sampling pass recorded. They should agree (ratio 1, KL 0) up to the dtype's rounding; in bf16
+    the KV-cached sampling forward and the full-sequence forward round differently."""
+    import torch
+
+    from so8t.ppo.passes import row_chunks
+    from so8t.ppo.rollout import response_logits, token_logprobs
+
+    scored = trainer.make_rollout()
+    rollout, policy = scored.rollout, trainer.policy
+    policy.train()
+    diffs = []
+    with torch.no_grad():
+        for rows in row_chunks(rollout.response_ids.shape[0], trainer.micro_batch_size):
+            logits, _, tokens = response_logits(policy, rollout, rows, scored.prefix)
+            new = token_logprobs(logits, tokens, trainer.cfg.temperature, trainer.pad_id)[0]
+            diffs.append((new - rollout.logprobs[rows]) * rollout.response_mask[rows])
+    policy.eval()
+    diff = torch.cat(diffs).float()
+    mask = rollout.response_mask.bool()
+    ratio_dev = float((diff[mask].exp() - 1).abs().max())
+    kl = float((-diff[mask]).mean())  # E_old[log old - log new] per token
+    return {"max |ratio - 1|": ratio_dev, "kl per token": kl}
+
+
 def run_variant(variant: str, model_dir: Path, run_dir: Path, args) -> dict:
     """Child: one variant, measured; returns the result dict."""
     import torch
@@ -239,6 +265,7 @@ def run_variant(variant: str, model_dir: Path, run_dir: Path, args) -> dict:
         sync()
         optimizer_s[0] += time.perf_counter() - started["t"]
 
+    start_ratio = ratio_at_start(trainer)
     trainer.optimizer.register_step_pre_hook(pre)
     trainer.optimizer.register_step_post_hook(post)
     service = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), config_identity(cfg))
@@ -273,7 +300,7 @@ def run_variant(variant: str, model_dir: Path, run_dir: Path, args) -> dict:
         phases={k: mean(k) for k in ("time/sampling", "time/reference", "time/ppo", "time/optimizer", "time/step",
                                      "time/recompute")},
         tokens_per_s=sum(r["response_tokens"] for r in timed) / sum(r["time/step"] for r in timed),
-        step0={k: rows[0][k] for k in METRICS_SHOWN if k in rows[0]},
+        step0={k: rows[0][k] for k in METRICS_SHOWN if k in rows[0]}, start_ratio=start_ratio,
         checkpoint_bytes=checkpoint_bytes, stall_s=stalls[1:] or stalls, first_stall_s=stalls[0],
     )
 
@@ -306,12 +333,16 @@ def report(results: list[dict], skipped: list[str], args, started: float) -> lis
              "quarter of the layers, micro-batch 1, gradient checkpointing; "
              + ("bf16" if args.device == "cuda" else "fp32 on CPU") + "), responses at full length (the "
              "model never samples a stop token). Estimate = preflight peak of allocations (context excluded). "
-             "Phase times: mean over the updates after the first (seconds).",
+             "Phase times: mean over the updates after the first (seconds). \"At start\": the training forward "
+             "against the sampling pass's log-probs on a fresh rollout before any update (this script's own "
+             "check); `ratio_max_dev_start`, `approx_kl_start`, `value/explained_variance` are the metrics rows' "
+             "(n/a where this version does not log them).",
              "",
              "| variant | rollout | estimate (GiB) | peak allocated (GiB) | estimate error | peak reserved (GiB) "
-             "| sampling | reference | PPO epochs | optimizer | step | response tokens/s | ratio_max_dev_start "
-             "| approx_kl_start | explained variance | kl/mean step 1 | checkpoint bytes | save stall (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| sampling | reference | PPO epochs | optimizer | step | response tokens/s "
+             "| max abs(ratio - 1) at start | KL at start | ratio_max_dev_start | approx_kl_start "
+             "| explained variance | kl/mean step 1 | checkpoint bytes | save stall (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error']} |")
@@ -327,7 +358,9 @@ def report(results: list[dict], skipped: list[str], args, started: float) -> lis
             f"| {r['variant']} | {r['rollout_batch']} | {_gib(r['estimate_allocated'])} | {_gib(r['peak_allocated'])} "
             f"| {err} | {_gib(r['peak_reserved'])} | {_sec(ph['time/sampling'])} | {_sec(ph['time/reference'])} "
             f"| {_sec(ph['time/ppo'])} | {_sec(ph['time/optimizer'])} | {_sec(ph['time/step'])} "
-            f"| {r['tokens_per_s']:.0f} | {metric('ppo/ratio_max_dev_start')} | {metric('ppo/approx_kl_start')} "
+            f"| {r['tokens_per_s']:.0f} | {r['start_ratio']['max |ratio - 1|']:.2e} "
+            f"| {r['start_ratio']['kl per token']:.2e} | {metric('ppo/ratio_max_dev_start')} "
+            f"| {metric('ppo/approx_kl_start')} "
             f"| {metric('value/explained_variance')} | {metric('kl/mean')} | {r['checkpoint_bytes']:,} "
             f"| {max(r['stall_s']):.3f} |")
     lines.append("")
