@@ -111,7 +111,6 @@ def live_bytes(trainer) -> int:
 
 def measure(trainer) -> dict:
     """Peak of tracked allocations over one update, overall and per phase (bytes)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import so8t.ppo.trainer as trainer_module
@@ -185,8 +184,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from so8t.model.memory import GIB
-
     mib = 1024**2
     started = time.time()
     rows = []
