@@ -307,12 +307,13 @@ def pass_table(config: str, summary: dict[str, dict]) -> list[str]:
                      f"{ph['time/sampling']:.2f} | {ph['time/reference']:.2f} | {ph['time/ppo']:.2f} | {work:.2f} | "
                      f"{speed} | {cpu_work:.2f} | {cpu_speed} | {ph['cpu/sampling']:.2f} | {eps} | {diff} |")
     lines += ["", "Target: reference + PPO-epoch time >= 1.5x faster with prefix reuse, identical log-probs "
-              "(the reference pass records the prefix; its cost is counted there).", ""]
+              "(the reference pass records the prefix; its cost is counted there).", "", PASS_NOTE, ""]
     return lines
 
 
 PASS_CONFIGS = tuple(name for name, spec in common.CONFIGS.items() if "adapter_layers" in spec)
 PASS_SECTION = "## Frozen-prefix reuse and chunked passes"
+PASS_NOTE = "On a shared machine the wall-clock columns also carry the load of other processes (the load average above); the CPU-s columns count this process's own CPU time in each phase and are the figures to compare. At this width `lm_head` (and the log-softmax over 32064 entries) is about a quarter of a forward's work and prefix reuse does not shorten it; in Phi-3.5-mini it is 2.7 %, so the gain there is larger. Chunking (4 chunks of 2 rows) costs sampling time on CPU, where a decoding step's cost is mostly per call, and changes nothing in the other phases; it exists to bound memory."
 
 
 def run_pass_config(config: str, args, tmp: Path, loads: list, raw: dict) -> dict:
@@ -362,7 +363,7 @@ def pass_report(sections, args, started: float, loads: list) -> list[str]:
            "",
            f"Medians over {args.rounds} rounds; each round is a fresh process with one trainer that runs the four "
            f"variants in turn, one update each ({args.warmup} warm-up then {args.updates} timed updates per variant, "
-           "the order reversed every update), so a busy machine slows all variants alike; phase times are the "
+           "the order reversed every update), so a busy machine slows all variants alike on average; phase times are the "
            "per-update means of the "
            "metrics row's `time/sampling`, `time/reference` (the reference pass, which records the frozen prefix) and "
            "`time/ppo` (all PPO "
