@@ -20,6 +20,14 @@ CONFIGS: dict[str, dict] = {
                   batch=8, response=16, ppo_epochs=4, mini_batches=1),
     "medium": dict(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=512,
                    batch=16, response=64, ppo_epochs=4, mini_batches=1),
+    # Phi-3 shaped: the full 32064-row vocabulary and Phi-3.5 tokenizer, SO(8) adapters on the last
+    # quarter of the layers (as the Phi-3.5 preset: 8 of 32), 64-token prompts (a chat-templated
+    # question). Compares SO8T with itself: frozen-prefix reuse and chunked passes on and off (no
+    # TRL side). At this width lm_head is ~27 % of a forward's multiply-adds (2.7 % in Phi-3.5-mini),
+    # and prefix reuse does not shorten lm_head: the gain here understates the real model's.
+    "phi3": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, vocab=32064,
+                 batch=8, response=32, prompt_tokens=64, ppo_epochs=4, mini_batches=1, rollout_chunk=2,
+                 adapter_layers=[-3, -2, -1]),
 }
 
 # Settings both sides share (DESIGN §8's tiny-model PPO settings).

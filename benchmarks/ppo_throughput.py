@@ -2,6 +2,14 @@
 
     python benchmarks/ppo_throughput.py                    # both configurations, 3 rounds
     python benchmarks/ppo_throughput.py --configs small --rounds 5 --updates 30
+    python benchmarks/ppo_throughput.py --configs phi3 --rounds 3 --updates 3 --warmup 1
+
+The ``phi3`` configuration (Phi-3.5 vocabulary and tokenizer, adapters on the last quarter of the
+layers) compares SO8T with itself instead of TRL: frozen-prefix reuse and chunked passes
+(``hardware.frozen_prefix_reuse``, ``hardware.rollout_micro_batch_size``) on and off, side by
+side in one run, with per-phase wall and CPU times and the largest log-prob difference between
+the prefix-reuse pass and the full pass; it writes the section "## Frozen-prefix reuse and
+chunked passes" of ``benchmarks/RESULTS.md``. Everything below is about the TRL comparison.
 
 What it does:
 
@@ -51,6 +59,9 @@ import _bench_common as common  # noqa: E402
 TRL_VERSION = "0.29.1"
 DEFAULT_PEER_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "so8t-bench" / f"trl-{TRL_VERSION}"
 SIDES = ("so8t-so8", "so8t-lora", "trl", "trl-nogc")
+# The Phi-3-shaped configuration compares SO8T with itself: (frozen-prefix reuse, chunked passes).
+PASS_SIDES = {"so8t-full": ("off", False), "so8t-reuse": ("on", False), "so8t-chunked": ("off", True),
+              "so8t-reuse-chunked": ("on", True)}
 SECTION = "## PPO throughput"
 NUM_PROMPTS = 256
 
@@ -118,6 +129,18 @@ def ensure_peer_venv(venv: Path, torch_index_url: str | None = None) -> Path:
 # --------------------------------------------------------------------------------- inputs
 
 def build_model_dir(name: str, folder: Path, seed: int = 0) -> None:
+    spec = common.CONFIGS[name]
+    if "vocab" in spec:  # the Phi-3.5 vocabulary and tokenizer, same never-stop construction
+        import _phi35
+
+        _phi35.build_model_dir(folder, seed=seed, hidden_size=spec["hidden_size"],
+                               num_hidden_layers=spec["num_layers"], num_attention_heads=spec["num_heads"],
+                               intermediate_size=spec["intermediate_size"], vocab_size=spec["vocab"])
+        return
+    _build_tiny_vocab_model_dir(name, folder, seed)
+
+
+def _build_tiny_vocab_model_dir(name: str, folder: Path, seed: int = 0) -> None:
     """A random Phi-3 of the configuration's size + the tiny tokenizer, saved for both sides.
 
     With random weights every token, ``<eos>`` and ``<pad>`` included, has a few percent
@@ -161,11 +184,17 @@ def write_prompts(path: Path, seed: int = 1234) -> None:
 
 # ----------------------------------------------------------------------------------- runs
 
-def run_side(side: str, python: str, model_dir: Path, prompts: Path, config: str, args, workdir: Path) -> dict:
+def run_side(side: str, python: str, model_dir: Path, prompts: Path, config: str, args, workdir: Path,
+             extra: list[str] = ()) -> dict:
     common_args = ["--model-dir", str(model_dir), "--prompts", str(prompts), "--config", config,
                    "--warmup", str(args.warmup), "--updates", str(args.updates), "--threads", str(args.threads)]
-    if side.startswith("so8t"):
-        cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", side.split("-")[1]]
+    if side in PASS_SIDES:
+        reuse, chunked = PASS_SIDES[side]
+        chunk = common.CONFIGS[config].get("rollout_chunk", 1) if chunked else 0
+        cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", "so8", "--prefix-reuse", reuse,
+               "--rollout-chunk", str(chunk)]
+    elif side.startswith("so8t"):
+        cmd = [python, str(HERE / "_so8t_side.py"), *common_args, "--adapter", side.split("-")[1], *extra]
     else:
         cmd = [python, str(HERE / "_trl_peer.py"), *common_args, "--output-dir", str(workdir / "trl-out")]
         if side == "trl-nogc":
@@ -204,6 +233,8 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
             rss_import_mb=median([r["rss_import_mb"] for r in rounds]),
             trainable_parameters=rounds[0]["trainable_parameters"],
             per_round_eps=[round(r["episodes_per_s"], 2) for r in rounds],
+            phases={k: median([r["phase_seconds"][k] for r in rounds]) for k in rounds[0].get("phase_seconds", {})},
+            logprob_diff=max((r.get("logprob_max_abs_diff") or 0.0) for r in rounds),
         )
     return out
 
@@ -243,11 +274,113 @@ def table(config: str, summary: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_results(path: Path, section: list[str]) -> None:
-    """Replace (or append) this benchmark's section, keeping every other section."""
+def pass_table(config: str, summary: dict[str, dict]) -> list[str]:
+    """The Phi-3-shaped comparison: phase times and the gain of prefix reuse / chunking."""
+    spec = common.CONFIGS[config]
+    layers = spec["num_layers"]
+    lines = [f"**{config}**: hidden {spec['hidden_size']}, {layers} layers, intermediate {spec['intermediate_size']}, "
+             f"vocabulary {spec['vocab']}, SO(8) adapters on layers {spec['adapter_layers']} (the last quarter), "
+             f"rollout batch {spec['batch']}, {spec['prompt_tokens']}-token prompts, response {spec['response']} "
+             f"tokens, {spec['ppo_epochs']} PPO epochs x {spec['mini_batches']} mini-batch; chunked = "
+             f"hardware.rollout_micro_batch_size={spec['rollout_chunk']}", "",
+             "| side | prefix reuse | chunked | episodes/s | sampling (s) | reference (s) | PPO epochs (s) "
+             "| reference + PPO (s) | reference + PPO vs full | reference + PPO (CPU-s) | same in CPU-s vs full "
+             "| sampling (CPU-s) | episodes/s vs full | max abs log-prob diff, reuse vs full |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    full = summary.get("so8t-full")
+    for side, (reuse, chunked) in PASS_SIDES.items():
+        if side not in summary:
+            continue
+        s = summary[side]
+        ph = s["phases"]
+        work = ph["time/reference"] + ph["time/ppo"]
+        cpu_work = ph["cpu/reference"] + ph["cpu/ppo"]
+        if full:
+            fph = full["phases"]
+            speed = f"{(fph['time/reference'] + fph['time/ppo']) / work:.2f}x"
+            cpu_speed = f"{(fph['cpu/reference'] + fph['cpu/ppo']) / cpu_work:.2f}x"
+            eps = f"{s['episodes_per_s'] / full['episodes_per_s']:.2f}x"
+        else:
+            speed = cpu_speed = eps = "-"
+        diff = f"{s['logprob_diff']:.1e}" if reuse == "on" else "-"
+        lines.append(f"| {side} | {reuse} | {'yes' if chunked else 'no'} | {s['episodes_per_s']:.2f} | "
+                     f"{ph['time/sampling']:.2f} | {ph['time/reference']:.2f} | {ph['time/ppo']:.2f} | {work:.2f} | "
+                     f"{speed} | {cpu_work:.2f} | {cpu_speed} | {ph['cpu/sampling']:.2f} | {eps} | {diff} |")
+    lines += ["", "Target: reference + PPO-epoch time >= 1.5x faster with prefix reuse, identical log-probs "
+              "(the reference pass records the prefix; its cost is counted there).", "", PASS_NOTE, ""]
+    return lines
+
+
+PASS_CONFIGS = tuple(name for name, spec in common.CONFIGS.items() if "adapter_layers" in spec)
+PASS_SECTION = "## Frozen-prefix reuse and chunked passes"
+PASS_NOTE = "On a shared machine the wall-clock columns also carry the load of other processes (the load average above); the CPU-s columns count this process's own CPU time in each phase and are the figures to compare. At this width `lm_head` (and the log-softmax over 32064 entries) is about a quarter of a forward's work and prefix reuse does not shorten it; in Phi-3.5-mini it is 2.7 %, so the gain there is larger. Chunking (4 chunks of 2 rows) costs sampling time on CPU, where a decoding step's cost is mostly per call, and changes nothing in the other phases; it exists to bound memory."
+
+
+def run_pass_config(config: str, args, tmp: Path, loads: list, raw: dict) -> dict:
+    """Every side of PASS_SIDES on the config, ``args.rounds`` rounds in alternating order."""
+    import _phi35
+
+    spec = common.CONFIGS[config]
+    model_dir = tmp / f"model-{config}"
+    build_model_dir(config, model_dir)
+    prompts = tmp / f"prompts-{config}.jsonl"
+    _phi35.write_prompts(prompts, count=NUM_PROMPTS, chars=spec["prompt_tokens"])
+    chunk = spec["rollout_chunk"]
+    variants = ",".join(f"{side}:{reuse}:{chunk if chunked else 0}" for side, (reuse, chunked) in PASS_SIDES.items())
+    raw[config] = {side: [] for side in PASS_SIDES}
+    for rnd in range(args.rounds):
+        result = run_side("so8t-so8", sys.executable, model_dir, prompts, config, args, tmp,
+                          extra=["--pass-variants", variants])
+        loads.append(load_average())
+        for side, one in result["variants"].items():
+            raw[config][side].append(dict(one, logprob_max_abs_diff=result["logprob_max_abs_diff"],
+                                          rss_added_mb=result["rss_added_mb"]))
+            ph = one["phase_seconds"]
+            print(f"[{config} round {rnd + 1}/{args.rounds}] {side:18s} {one['episodes_per_s']:6.2f} episodes/s  "
+                  f"sampling {ph['time/sampling']:.2f} s  reference {ph['time/reference']:.2f} s  "
+                  f"ppo {ph['time/ppo']:.2f} s  (CPU: reference {ph['cpu/reference']:.2f} s, ppo {ph['cpu/ppo']:.2f} s)",
+                  flush=True)
+        print(f"[{config} round {rnd + 1}/{args.rounds}] max |log-prob difference| reuse vs full: "
+              f"{result['logprob_max_abs_diff']}  (load {loads[-1][0]:.2f})", flush=True)
+    return {side: dict(episodes_per_s=median([r["episodes_per_s"] for r in rounds]),
+                       phases={k: median([r["phase_seconds"][k] for r in rounds]) for k in rounds[0]["phase_seconds"]},
+                       logprob_diff=max(r["logprob_max_abs_diff"] or 0.0 for r in rounds),
+                       rss_added_mb=median([r["rss_added_mb"] for r in rounds]))
+            for side, rounds in raw[config].items()}
+
+
+def pass_report(sections, args, started: float, loads: list) -> list[str]:
+    versions = _versions_here()
+    load_1m = [l[0] for l in loads]
+    out = [PASS_SECTION, "",
+           f"`python benchmarks/ppo_throughput.py --configs {','.join(c for c, _ in sections)} --rounds {args.rounds} "
+           f"--updates {args.updates} --warmup {args.warmup} --threads {args.threads}` "
+           f"({time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, {time.time() - started:.0f} s).",
+           "",
+           f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
+           f"{versions['torch']}, transformers {versions['transformers']}; {args.threads} torch thread(s); fp32 CPU; "
+           f"1-minute load average {min(load_1m):.2f}-{max(load_1m):.2f}.",
+           "",
+           f"Medians over {args.rounds} rounds; each round is a fresh process with one trainer that runs the four "
+           f"variants in turn, one update each ({args.warmup} warm-up then {args.updates} timed updates per variant, "
+           "the order reversed every update), so a busy machine slows all variants alike on average; phase times are the "
+           "per-update means of the "
+           "metrics row's `time/sampling`, `time/reference` (the reference pass, which records the frozen prefix) and "
+           "`time/ppo` (all PPO "
+           "epochs). A random Phi-3.5-shaped model that never samples a stop token, so every side does the same "
+           "work; the log-prob column is the largest |difference| between the prefix-reuse pass and the full pass "
+           "(policy and reference) on a fresh rollout of the same process.",
+           ""]
+    for config, summary in sections:
+        out += pass_table(config, summary)
+    return out
+
+
+def write_results(path: Path, section: list[str], title: str = SECTION) -> None:
+    """Replace (or append) the section headed ``title``, keeping every other section."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
     if start is None:
         new = lines + ([""] if lines and lines[-1].strip() else []) + section
     else:
@@ -281,7 +414,9 @@ def main() -> None:
     unknown = [c for c in configs if c not in common.CONFIGS] + [s for s in sides if s not in SIDES]
     if unknown:
         parser.error(f"unknown configuration or side: {unknown}")
-    needs_peer = any(s.startswith("trl") for s in sides)
+    pass_configs = [c for c in configs if c in PASS_CONFIGS]
+    configs = [c for c in configs if c not in PASS_CONFIGS]
+    needs_peer = bool(configs) and any(s.startswith("trl") for s in sides)
     peer_python = str(ensure_peer_venv(args.peer_venv, args.torch_index_url)) if needs_peer else None
 
     started = time.time()
@@ -310,7 +445,20 @@ def main() -> None:
                           f"steps/update {result['optimizer_steps_per_update']:g}  "
                           f"+RSS {result['rss_added_mb']:.0f} MiB  (load {loads[-1][0]:.2f})", flush=True)
             sections.append((config, summarise(raw[config])))
+        pass_sections = []
+        for config in pass_configs:
+            pass_sections.append((config, run_pass_config(config, args, tmp, loads, raw)))
 
+    if pass_sections:
+        out = pass_report(pass_sections, args, started, loads)
+        print("\n".join(out))
+        if args.results:
+            write_results(Path(args.results), out, PASS_SECTION)
+            print(f"\nwrote the '{PASS_SECTION}' section of {args.results}")
+    if not configs:
+        if args.json:
+            args.json.write_text(json.dumps(raw, indent=1))
+        return
     versions = _versions_here()
     peer_versions = next((r["versions"] for c in raw.values() for s, rs in c.items() if s.startswith("trl")
                           for r in rs), None)

@@ -46,10 +46,14 @@ def build_policy_and_tokenizer(model_cfg, adapter_cfg, device: torch.device, dty
 
     base, tokenizer = load_base_model(model_cfg, dtype=dtype, device=device)
     try:
-        policy = build_policy(base, adapter_cfg).to(device)
+        policy = build_policy(base, adapter_cfg)
     except ValueError as exc:  # e.g. a hidden size the SO(8) blocks cannot split, a layer out of range
         where = f"model.path={model_cfg.path}" if model_cfg.path else f"model.source={model_cfg.source}"
         raise SetupError(f"adapter={adapter_cfg.kind} does not fit the model ({where}): {exc}") from exc
+    if str(getattr(model_cfg, "quantization", "none")) == "none":
+        # A quantised base is already on the device and must not be moved or cast (bitsandbytes
+        # tensors); the adapters and value head are created on its device.
+        policy.to(device)
     return policy, tokenizer
 
 
@@ -82,7 +86,13 @@ def build_components(cfg) -> Components:
     from so8t.rewards import build_reward
     from so8t.rewards.normalize import RewardNormalizer
 
+    from so8t.model.quantization import check_quantization
+    from so8t.preflight import check_memory
+
     device, dtype = configure_hardware(cfg.hardware)
+    # Before any weight is loaded: a config that cannot run or cannot fit stops here.
+    check_quantization(cfg.model.quantization, device)
+    check_memory(cfg, device)
     seed_everything(cfg.seed)
     policy, tokenizer = build_policy_and_tokenizer(cfg.model, cfg.adapter, device, dtype)
     if cfg.hardware.gradient_checkpointing:
@@ -122,6 +132,8 @@ def build_components(cfg) -> Components:
         # resume finds the state it expects.
         reward_normalizer=RewardNormalizer(cfg.reward.normalize, cfg.reward.clip),
         samples_per_step=cfg.logger.samples_per_step,
+        rollout_micro_batch_size=cfg.hardware.rollout_micro_batch_size,
+        frozen_prefix_reuse=cfg.hardware.frozen_prefix_reuse,
     )
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())
     log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts; stop token ids %s%s",

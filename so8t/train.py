@@ -32,9 +32,32 @@ def _run(cfg: DictConfig) -> float:
     except ConfigValidationError as exc:
         log.error("%s", exc)
         return job_result(EXIT_REFUSED, run_dir_of_job())
+    if cfg.get("preflight"):
+        raise SystemExit(_preflight(cfg))
     from so8t.recipe import run_training
 
     return job_result(run_training(cfg), run_dir_of_job(), cfg.logger.metrics_file)
+
+
+def _preflight(cfg: DictConfig) -> int:
+    """``+preflight=true``: print the memory estimate of this config and exit (0, or 2 when the
+    model's config cannot be read or the adapters do not fit the model)."""
+    from so8t.errors import ModelNotAvailableError, SetupError
+    from so8t.preflight import report
+    from so8t.recipe import EXIT_OK, EXIT_REFUSED
+
+    device = str(cfg.hardware.device)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        # The target device need not be present: the estimate is for it, whatever runs this.
+        print(report(cfg, device), flush=True)
+    except (ModelNotAvailableError, SetupError) as exc:
+        log.error("%s", exc)
+        return EXIT_REFUSED
+    return EXIT_OK
 
 
 def main() -> None:

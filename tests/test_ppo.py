@@ -180,11 +180,13 @@ def test_missing_stop_is_penalised_and_score_is_the_weighted_reward(first_rollou
     assert float(raw.mean()) == pytest.approx(scored.stats["reward/mean"], abs=1e-6)
 
 
+@pytest.mark.parametrize("layers", ["null", "[-1]"])  # [-1]: the PPO forwards start from a frozen prefix
 @pytest.mark.parametrize("recompute", [True, False])
-def test_bf16_ratio_is_exactly_one_at_the_start_only_with_recompute(recompute):
+def test_bf16_ratio_is_exactly_one_at_the_start_only_with_recompute(recompute, layers):
     torch.manual_seed(0)
     trainer = _trainer("hardware.dtype=bfloat16", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
-                       "hardware.micro_batch_size=4", "ppo.max_new_tokens=12", f"ppo.recompute_old_logprobs={recompute}")
+                       "hardware.micro_batch_size=4", "ppo.max_new_tokens=12", f"ppo.recompute_old_logprobs={recompute}",
+                       f"adapter.layers={layers}", "hardware.rollout_micro_batch_size=8")
     row = trainer.train_step()
     if recompute:
         # Old log-probs from the very forward the first mini-batch trains with: ratio 1, KL 0.

@@ -24,6 +24,8 @@ NEUTRAL_KEYS = (
     "checkpoint",
     "paths",
     "hydra",
+    # `+preflight=true` only prints the memory estimate and exits.
+    "preflight",
 )
 
 MAX_NAME_LENGTH = 80

@@ -23,6 +23,10 @@ class ModelConfig:
     path: Optional[str] = None
     local_files_only: bool = True
     trust_remote_code: bool = False
+    # none | nf4 | int8 (bitsandbytes, CUDA only).
+    quantization: str = "none"
+    # Attention kernel passed to transformers: sdpa, eager, flash_attention_2 ...
+    attn_implementation: str = "sdpa"
 
 
 @dataclass
@@ -170,6 +174,12 @@ class HardwareConfig:
     micro_batch_size: Optional[int] = None
     gradient_checkpointing: bool = False
     memory_budget_gb: Optional[float] = None
+    # error | warn | off: what the memory preflight does with an over-budget config.
+    memory_check: str = "error"
+    # Rows per sampling / reference / recompute chunk (None: the whole rollout batch).
+    rollout_micro_batch_size: Optional[int] = None
+    # Compute the layers below the first adapter once per rollout (cannot change results).
+    frozen_prefix_reuse: bool = True
 
 
 @dataclass

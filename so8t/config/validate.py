@@ -139,6 +139,10 @@ def _check_data(cfg: DictConfig, problems: list[str]) -> None:
 
 def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     _one_of(cfg, "model.source", ("tiny", "hub", "local"), problems)
+    _one_of(cfg, "model.quantization", ("none", "nf4", "int8"), problems)
+    if not re.fullmatch(r"[A-Za-z0-9_./\-]+", str(cfg.model.attn_implementation)):
+        problems.append(f"model.attn_implementation={cfg.model.attn_implementation!r} must name an attention "
+                        "implementation of transformers (sdpa, eager, flash_attention_2 ...)")
     if cfg.model.source in ("hub", "local") and (OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path):
         problems.append(f"model.path must be set for model.source={cfg.model.source}")
 
@@ -151,6 +155,8 @@ def _check_hardware(cfg: DictConfig, problems: list[str]) -> None:
     if cfg.hardware.num_threads is not None:
         _positive(cfg, "hardware.num_threads", problems)
     _positive(cfg, "hardware.memory_budget_gb", problems)
+    _one_of(cfg, "hardware.memory_check", ("error", "warn", "off"), problems)
+    _positive(cfg, "hardware.rollout_micro_batch_size", problems)
 
 
 def _check_checkpoint(cfg: DictConfig, problems: list[str]) -> None:
@@ -180,8 +186,11 @@ def validate(cfg: DictConfig) -> None:
         paths=schema.PathsConfig(),
     ))
     for key in _unknown_keys(cfg, top):
-        if key.split(".", 1)[0] not in ("adapter", "data", "hydra"):
+        if key.split(".", 1)[0] not in ("adapter", "data", "hydra", "preflight"):
             problems.append(f"{key} is not a known config key")
+    if "preflight" in cfg and not isinstance(cfg.preflight, bool):
+        problems.append(f"preflight={cfg.preflight!r} must be true or false (+preflight=true prints the memory "
+                        "estimate and exits)")
     for name, term in cfg.reward.terms.items():
         for key in _unknown_keys(term, OmegaConf.structured(RewardTermConfig)):
             if key.split(".", 1)[0] != "kwargs":

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from so8t.errors import ModelNotAvailableError
+from so8t.model.quantization import check_quantization, quantization_config
 from so8t.model.tiny import PAD, TINY_DIR
 
 # Files from_pretrained reads weights from (single file or sharded with an index).
@@ -54,13 +55,18 @@ def load_base_model(
     source = model_cfg.source
     path = getattr(model_cfg, "path", None)
     trust_remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
+    quantization = str(getattr(model_cfg, "quantization", "none"))
+    check_quantization(quantization, device)
+    # Straight to the target device (no full CPU copy first), quantised while read if asked.
+    placement = dict(device=device, attn_implementation=str(getattr(model_cfg, "attn_implementation", "sdpa")),
+                     quantization_config=quantization_config(quantization, dtype))
 
     if source == "tiny":
-        model, tokenizer = _from_pretrained(TINY_DIR, dtype, True, False)
+        model, tokenizer = _from_pretrained(TINY_DIR, dtype, True, False, **placement)
         where = "embedded tiny model"
     elif source == "local" or (source == "hub" and path and Path(str(path)).expanduser().is_dir()):
         folder = _check_local_folder(path)
-        model, tokenizer = _from_folder(folder, dtype, trust_remote_code)
+        model, tokenizer = _from_folder(folder, dtype, trust_remote_code, **placement)
         where = f"local folder {folder}"
     elif source == "hub":
         local_files_only = bool(getattr(model_cfg, "local_files_only", True))
@@ -70,7 +76,7 @@ def load_base_model(
             )
         try:
             model, tokenizer = _from_pretrained(
-                path, dtype, local_files_only, trust_remote_code
+                path, dtype, local_files_only, trust_remote_code, **placement
             )
         except OSError as err:  # transformers reports a missing cache entry as OSError
             raise ModelNotAvailableError(_hub_message(path, local_files_only, err)) from err
@@ -81,15 +87,17 @@ def load_base_model(
     _ensure_distinct_pad(model, tokenizer)
     tokenizer.padding_side = "left"  # queries must end where the response starts
 
-    model.to(device=device, dtype=dtype)
+    if quantization == "none":
+        model.to(device=device, dtype=dtype)  # a no-op after device_map, kept for the resized rows
     model.eval()
     model.requires_grad_(False)  # the base is frozen; adapters add their own parameters
     log.info(
-        "loaded %s: %s, %.2fM parameters, %s on %s",
+        "loaded %s: %s, %.2fM parameters, %s%s on %s",
         where,
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
         dtype,
+        "" if quantization == "none" else f" ({quantization} linears)",
         device,
     )
     return model, tokenizer
@@ -100,16 +108,21 @@ def _from_pretrained(
     dtype: torch.dtype,
     local_files_only: bool,
     trust_remote_code: bool,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+    quantization_config: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    # Load straight into the target dtype: a 3.8B model loaded as fp32 first would need
-    # twice the memory of its bf16 copy.
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    # Load straight into the target dtype and onto the target device: a 3.8B model loaded as
+    # fp32 on the CPU first would need twice the memory of its bf16 copy, on the host.
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, device_map={"": torch.device(device)}, attn_implementation=attn_implementation,
+        quantization_config=quantization_config, **kwargs)
     return model, tokenizer
 
 
-def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, **placement: Any):
     """``_from_pretrained`` on a local folder, with every way the folder can be unusable
     turned into a message that names it and says what is wrong."""
     import json
@@ -136,7 +149,7 @@ def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
             f"found {present}). Copy the model's weight files into it, or point model.path at the folder "
             "save_pretrained wrote.")
     try:
-        model, tokenizer = _from_pretrained(folder, dtype, True, trust_remote_code)
+        model, tokenizer = _from_pretrained(folder, dtype, True, trust_remote_code, **placement)
     except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and torch each raise their own types
         # A truncated weights file, a missing tokenizer, shapes that do not match the config ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from so8t.model.prefix import capture_prefix, first_adapted_layer, recording_prefix, reusing_prefix
 from so8t.model.so8 import attach_so8_adapters
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,12 @@ class PolicyWithValue(nn.Module):
         # adapters are a plain object: their weights already live inside `base`.
         self.adapter = adapter
         self._cache_kwarg = _cache_kwarg(_decoder_of(self.base))
+        # Found now, while LoRA's parameters are trainable (switching it off for the reference
+        # pass freezes them); 0 (nothing to reuse) where the decoder layers cannot be found.
+        try:
+            self._first_adapted = first_adapted_layer(self.base, adapter)
+        except ValueError:
+            self._first_adapted = 0
         hidden = self.base.config.hidden_size
         param = next(self.base.parameters())
         self.value_head = nn.Linear(hidden, 1, device=param.device, dtype=torch.float32)
@@ -100,6 +107,7 @@ class PolicyWithValue(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         output_slice: slice | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> PolicyOutput:
         """One trunk pass → logits and values.
 
@@ -110,16 +118,23 @@ class PolicyWithValue(nn.Module):
         ``output_slice`` selects the positions (of the new tokens) that get logits and
         values; None means all. PPO needs them only at response positions, and ``lm_head``
         over a large vocabulary at every query position is the costliest matmul of a pass.
+
+        ``prefix``: the hidden states entering the first adapted layer for exactly these
+        inputs (``frozen_prefix``); the frozen layers below it are then skipped.
         """
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
-        out = _decoder_of(self.base)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{self._cache_kwarg: past_key_values},
-        )
+        decoder = _decoder_of(self.base)
+        reuse = (contextlib.nullcontext() if prefix is None
+                 else reusing_prefix(decoder, self.first_adapted_layer, prefix))
+        with reuse:
+            out = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{self._cache_kwarg: past_key_values},
+            )
         hidden = out.last_hidden_state  # after the final norm
         if output_slice is not None:
             hidden = hidden[:, output_slice]
@@ -127,6 +142,31 @@ class PolicyWithValue(nn.Module):
         values = self.value_head(hidden.float()).squeeze(-1)
         cache = getattr(out, self._cache_kwarg, None) if use_cache else None
         return PolicyOutput(logits=logits, values=values, past_key_values=cache)
+
+    @property
+    def first_adapted_layer(self) -> int:
+        """Decoder layers below this index are never changed by the adapters (fixed once built)."""
+        return self._first_adapted
+
+    def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Hidden states entering the first adapted layer (no grad), for ``forward(prefix=...)``;
+        None when the adapters start at layer 0 and there is nothing to reuse."""
+        if self.first_adapted_layer < 1:
+            return None
+        return capture_prefix(
+            _decoder_of(self.base), self.first_adapted_layer, input_ids=input_ids,
+            attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask), use_cache=False,
+        )
+
+    @contextlib.contextmanager
+    def recording_prefix(self) -> Iterator[list[torch.Tensor] | None]:
+        """Forwards inside the block record their frozen prefix into the yielded list, one
+        tensor per forward (None when the adapters start at layer 0)."""
+        if self.first_adapted_layer < 1:
+            yield None
+            return
+        with recording_prefix(_decoder_of(self.base), self.first_adapted_layer) as recorded:
+            yield recorded
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """HF ``generate`` of the adapted model (adapters act inside its forward)."""

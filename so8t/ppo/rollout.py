@@ -69,11 +69,18 @@ def sample_responses(
     pad_id: int,
     greedy: bool = False,
     stop_strings: StopStrings | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> Rollout:
     """Sample from the full distribution (top_k=0, top_p=1) at ``temperature``; a response
-    ends at any of ``stop_ids`` (or a stop string), else after ``max_new_tokens``."""
+    ends at any of ``stop_ids`` (or a stop string), else after ``max_new_tokens``.
+
+    ``uniforms`` (rows x max_new_tokens, in [0, 1)) are the random numbers of the draws, one
+    per row and step (drawn here when None): row i's step t depends on nothing but its own
+    number, so sampling the batch in row chunks gives the same responses as one pass."""
     batch = query_ids.shape[0]
     device = query_ids.device
+    if uniforms is None and not greedy:
+        uniforms = torch.rand(batch, max_new_tokens, device=device)
     stops = torch.tensor(sorted({int(i) for i in ([stop_ids] if isinstance(stop_ids, int) else stop_ids)}),
                          dtype=torch.long, device=device)
     if pad_id in stops.tolist():
@@ -90,7 +97,7 @@ def sample_responses(
         if greedy:
             token = logp_all.argmax(dim=-1)
         else:
-            token = torch.multinomial(logp_all.exp(), 1).squeeze(-1)
+            token = inverse_cdf_sample(logp_all.exp(), uniforms[:, t])
         alive = ~finished
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
@@ -119,15 +126,31 @@ def sample_responses(
     )
 
 
-def response_logits(policy, rollout: Rollout, rows: torch.Tensor | slice = slice(None)):
-    """One full trunk pass over query + response; logits and values at response positions."""
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` (rows x vocabulary) from one uniform number per row.
+
+    Exact sampling by the inverse CDF. ``side="right"`` never lands on a token of probability
+    0 (its CDF step is empty); the clamp covers a product ``u * total`` rounded up to the total."""
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    positive = probs > 0
+    last_positive = probs.shape[-1] - 1 - positive.flip(-1).int().argmax(-1)
+    return torch.minimum(token, last_positive)
+
+
+def response_logits(policy, rollout: Rollout, rows: torch.Tensor | slice = slice(None),
+                    prefix: torch.Tensor | None = None):
+    """One trunk pass over query + response; logits and values at response positions.
+
+    ``prefix``: the frozen prefix of the whole rollout (``so8t.ppo.passes.rollout_prefix``);
+    the pass then starts at the first adapted layer."""
     query_ids, response_ids = rollout.query_ids[rows], rollout.response_ids[rows]
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([rollout.query_mask[rows], rollout.response_mask[rows]], dim=1)
     start = query_ids.shape[1] - 1
     stop = start + response_ids.shape[1]
     # lm_head and the value head only where a response token is predicted.
-    out = policy(ids, mask, output_slice=slice(start, stop))
+    out = policy(ids, mask, output_slice=slice(start, stop), prefix=None if prefix is None else prefix[rows])
     return out.logits.float(), out.values.float(), response_ids
 
 

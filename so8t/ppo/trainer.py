@@ -27,6 +27,7 @@ import torch
 
 from so8t.ppo.advantages import gae, masked_whiten, token_rewards
 from so8t.ppo.losses import ppo_losses
+from so8t.ppo.passes import reference_logprobs, sample_in_chunks
 from so8t.ppo.rollout import Rollout, StopStrings, response_logits, sample_responses, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class ScoredRollout:
     stats: dict
     first_order: torch.Tensor  # the first PPO epoch's shuffled row order
     samples: list[dict]
+    # Hidden states entering the first adapted layer (None: no reuse), see so8t.model.prefix.
+    prefix: torch.Tensor | None = None
 
 
 class PPOTrainer:
@@ -111,6 +114,8 @@ class PPOTrainer:
         reward_normalizer=None,
         grad_scaler=None,
         samples_per_step: int = 4,
+        rollout_micro_batch_size: int | None = None,
+        frozen_prefix_reuse: bool = True,
     ) -> None:
         from so8t.model.stops import stop_token_ids
 
@@ -126,6 +131,9 @@ class PPOTrainer:
         self.gate_schedule = gate_schedule
         self.micro_batch_size = micro_batch_size or ppo_cfg.mini_batch_size
         self.device = torch.device(device)
+        # Rows per chunk of the no-grad passes (None: the whole rollout batch at once).
+        self.rollout_micro_batch_size = rollout_micro_batch_size
+        self.frozen_prefix_reuse = frozen_prefix_reuse
         self.counters = Counters()
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None or self.pad_id == tokenizer.eos_token_id:
@@ -204,19 +212,33 @@ class PPOTrainer:
             groups += [mini[i : i + self.micro_batch_size] for i in range(0, len(mini), self.micro_batch_size)]
         return groups
 
-    def _logprobs_and_values(self, rollout: Rollout, groups: list[torch.Tensor] | None):
+    def _logprobs_and_values(self, rollout: Rollout, groups: list[torch.Tensor], prefix: torch.Tensor | None = None):
         """Log-probs and values of the rollout's own tokens under the current policy, one
-        forward per group of rows (None: the whole batch at once)."""
+        forward per group of rows."""
         cfg = self.cfg
-        groups = groups if groups is not None else [slice(None)]
         logprobs = torch.zeros_like(rollout.logprobs)
         values = torch.zeros_like(rollout.values)
         for rows in groups:
-            logits, vals, tokens = response_logits(self.policy, rollout, rows)
+            logits, vals, tokens = response_logits(self.policy, rollout, rows, prefix)
             logprobs[rows] = token_logprobs(logits, tokens, cfg.temperature, self.pad_id)[0]
             values[rows] = vals
         mask = rollout.response_mask
         return logprobs * mask, values * mask
+
+    def _reference_in_groups(self, rollout: Rollout, groups: list[torch.Tensor]):
+        """The reference log-probs, one full forward per group of rows, and (with frozen-prefix
+        reuse) the prefix those forwards computed, put back in row order."""
+        with self.policy.reference():
+            if not self.frozen_prefix_reuse:
+                return self._logprobs_and_values(rollout, groups)[0], None
+            with self.policy.recording_prefix() as recorded:
+                ref_logprobs = self._logprobs_and_values(rollout, groups)[0]
+        if not recorded:
+            return ref_logprobs, None
+        prefix = recorded[0].new_empty((rollout.response_ids.shape[0], *recorded[0].shape[1:]))
+        for rows, part in zip(groups, recorded):
+            prefix[rows] = part
+        return ref_logprobs, prefix
 
     @torch.no_grad()
     def make_rollout(self) -> ScoredRollout:
@@ -226,26 +248,36 @@ class PPOTrainer:
         self.policy.eval()
         batch = [self.prompts[i] for i in self.sampler.next_batch()]
         query_ids, query_mask = self._encode_queries(batch)
+        chunk = self.rollout_micro_batch_size
+        # One uniform number per row and step, drawn for the whole batch: chunks sample the same.
+        uniforms = torch.rand(query_ids.shape[0], cfg.max_new_tokens, device=self.device)
         with self.policy.frozen_adapters():
-            rollout = sample_responses(
-                self.policy, query_ids, query_mask, cfg.max_new_tokens, cfg.temperature, self.stop_ids, self.pad_id,
-                stop_strings=self.stop_strings,
+            rollout = sample_in_chunks(
+                lambda ids, mask, rows: sample_responses(
+                    self.policy, ids, mask, cfg.max_new_tokens, cfg.temperature, self.stop_ids, self.pad_id,
+                    stop_strings=self.stop_strings, uniforms=uniforms[rows]),
+                query_ids, query_mask, chunk, self.pad_id,
             )
         first_order = torch.randperm(rollout.response_ids.shape[0], device=self.device)
         times["time/sampling"] = time.perf_counter() - began
 
-        groups = None
+        began = time.perf_counter()
         if self.recompute_old_logprobs:
-            began = time.perf_counter()
+            # Reference, recompute and the first epoch's first mini-batch all run the same rows
+            # together through the same layers, so the first ratio is 1 and the KL 0 exactly.
             groups = self._micro_batches(first_order)
+            ref_logprobs, prefix = self._reference_in_groups(rollout, groups)
+            times["time/reference"] = time.perf_counter() - began
+            began = time.perf_counter()
             self.policy.train_without_dropout()
-            rollout.logprobs, rollout.values = self._logprobs_and_values(rollout, groups)
+            rollout.logprobs, rollout.values = self._logprobs_and_values(rollout, groups, prefix)
             self.policy.eval()
             times["time/recompute"] = time.perf_counter() - began
-        began = time.perf_counter()
-        with self.policy.reference():
-            ref_logprobs, _ = self._logprobs_and_values(rollout, groups)
-        times["time/reference"] = time.perf_counter() - began
+        else:
+            # The reference pass also records the frozen prefix the PPO epochs start from.
+            ref_logprobs, prefix = reference_logprobs(self.policy, rollout, cfg.temperature, self.pad_id, chunk,
+                                                      keep_prefix=self.frozen_prefix_reuse)
+            times["time/reference"] = time.perf_counter() - began
 
         completions, raw_texts = self._decode_responses(rollout)
         ended = rollout.ended_with_stop.tolist()
@@ -287,13 +319,14 @@ class PPOTrainer:
             {"prompt": p.text, "raw": r, "completion": c, "reward": t, "ended_with_stop": e}
             for p, r, c, t, e in zip(batch, raw_texts, completions, reward.total, ended)
         ][: self.samples_per_step]
-        return ScoredRollout(rollout, ref_logprobs, scores, advantages, returns, kl, stats, first_order, samples)
+        return ScoredRollout(rollout, ref_logprobs, scores, advantages, returns, kl, stats, first_order, samples,
+                             prefix)
 
     # ------------------------------------------------------------------ PPO
     def _micro_batch_loss(self, scored: ScoredRollout, rows: torch.Tensor, token_weight: float):
         cfg = self.cfg
         ro = scored.rollout
-        logits, values, tokens = response_logits(self.policy, ro, rows)
+        logits, values, tokens = response_logits(self.policy, ro, rows, scored.prefix)
         logprobs, logp_all = token_logprobs(logits, tokens, cfg.temperature, self.pad_id)
         mask = ro.response_mask[rows].float()
         parts = ppo_losses(
