@@ -34,10 +34,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def configure_hardware(hw_cfg) -> tuple[torch.device, torch.dtype]:
+def configure_hardware(hw_cfg, group=None) -> tuple[torch.device, torch.dtype]:
     if hw_cfg.num_threads:
         torch.set_num_threads(hw_cfg.num_threads)
-    return resolve_device(hw_cfg.device), DTYPES[hw_cfg.dtype]
+    device = resolve_device(hw_cfg.device)
+    if group is not None and group.enabled and device.type == "cuda" and device.index is None:
+        # One GPU per rank of a node: the launcher's LOCAL_RANK picks it.
+        device = resolve_device(f"cuda:{group.local_rank}")
+    return device, DTYPES[hw_cfg.dtype]
 
 
 def build_policy_and_tokenizer(model_cfg, adapter_cfg, device: torch.device, dtype: torch.dtype):
@@ -73,7 +77,8 @@ class Components:
     base_fingerprint: dict
 
 
-def build_components(cfg) -> Components:
+def build_components(cfg, group=None) -> Components:
+    """``group``: this process's :class:`so8t.distributed.Group` (None: a lone process)."""
     from so8t.data.prompts import build_prompts
     from so8t.data.sampler import PromptSampler
     from so8t.ppo.kl import build_kl_controller
@@ -82,8 +87,13 @@ def build_components(cfg) -> Components:
     from so8t.rewards import build_reward
     from so8t.rewards.normalize import RewardNormalizer
 
-    device, dtype = configure_hardware(cfg.hardware)
-    seed_everything(cfg.seed)
+    from so8t.distributed import Group, RankShard
+
+    group = group or Group()
+    device, dtype = configure_hardware(cfg.hardware, group)
+    # Each rank its own sampling stream (rank 0's is the lone process's); the prompt sampler
+    # keeps cfg.seed, so every rank draws the same global batches.
+    seed_everything(cfg.seed + group.rank)
     policy, tokenizer = build_policy_and_tokenizer(cfg.model, cfg.adapter, device, dtype)
     if cfg.hardware.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
@@ -92,6 +102,8 @@ def build_components(cfg) -> Components:
     except (OSError, ValueError) as exc:  # the messages name the data key, file and line
         raise SetupError(str(exc)) from exc
     sampler = PromptSampler(len(prompts), cfg.ppo.rollout_batch_size, seed=cfg.seed)
+    if group.enabled:
+        sampler = RankShard(sampler, group)  # this rank's slice of each global batch
     log.info("a prompt as the model sees it: %r", prompts[0].text)
     grad_scaler = None
     if dtype == torch.float16:
@@ -122,6 +134,7 @@ def build_components(cfg) -> Components:
         # resume finds the state it expects.
         reward_normalizer=RewardNormalizer(cfg.reward.normalize, cfg.reward.clip),
         samples_per_step=cfg.logger.samples_per_step,
+        group=group,
     )
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())
     log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts; stop token ids %s%s",

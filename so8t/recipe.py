@@ -84,6 +84,8 @@ class Deadline:
 def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
     from so8t.model.export import save_final
 
+    if not components.trainer.group.is_main:  # distributed hook: rank 0 writes final/
+        return
     trainer = components.trainer
     gate = trainer.gate_schedule.value(trainer.counters.step) if trainer.gate_schedule is not None else None
     save_final(
@@ -105,6 +107,7 @@ def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
 
 def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
+    from so8t import distributed
     from so8t.errors import CheckpointError, ModelNotAvailableError, SetupError
     from so8t.run.attempts import archive_hydra_config
     from so8t.run.lock import RunLock, RunLockedError
@@ -114,20 +117,36 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     started = _process_started()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
     logging.getLogger("so8t").setLevel(cfg.logger.level)
-    lock = RunLock(run_dir)
+    # Distributed hook (so8t.distributed): join the launcher's process group (a lone process
+    # is a group of one); rank 0 holds the lock, and its outcome is every rank's.
     try:
-        lock.acquire()
-    except RunLockedError as exc:
+        group = distributed.join_group(cfg.hardware)
+        distributed.check_batch_sizes(cfg.ppo, cfg.hardware, group)
+    except SetupError as exc:
         log.error("%s", exc)
+        return EXIT_REFUSED
+    distributed.redirect_rank_log(run_dir, group)
+    lock = RunLock(run_dir)
+    refusal = None
+    if group.is_main:
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            refusal = str(exc)
+    refusal = group.broadcast(refusal)
+    if refusal is not None:
+        log.error("%s", refusal)
         return EXIT_LOCKED
-    stop = StopSignal().install()
-    session = SessionFile(run_dir)
+    stop = distributed.GroupStop(StopSignal(), group).install()
+    session = SessionFile(run_dir) if group.is_main else distributed.NullSession()
     try:
-        if _completed_already(cfg, run_dir, session):
+        if group.broadcast(_completed_already(cfg, run_dir, session) if group.is_main else None):
             return EXIT_OK
-        archive_hydra_config(run_dir)
+        if group.is_main:
+            archive_hydra_config(run_dir)
         session.load()
-        return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started))
+        deadline = distributed.AgreedDeadline(Deadline(cfg.max_wall_seconds, started), group)
+        return _train(cfg, run_dir, session, stop, deadline, group)
     except (CheckpointError, ModelNotAvailableError, SetupError) as exc:
         log.error("%s", exc)
         return EXIT_REFUSED
@@ -161,21 +180,23 @@ def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
     return True
 
 
-def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) -> int:
+def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, group) -> int:
+    from so8t import distributed
     from so8t.build import build_components
     from so8t.checkpoint import CheckpointService
     from so8t.config.identity import config_identity
     from so8t.run.metrics import MetricsWriter
 
     log.info("run dir: %s", run_dir.resolve())
-    components = build_components(cfg)
+    components = build_components(cfg, group)
     trainer = components.trainer
     identity = config_identity(cfg)
     # Checkpoints also record which base weights they were trained on (session.json keeps the
     # config identity alone, so a completed run is recognised without loading the model).
     checkpoint_identity = {**identity, **components.base_fingerprint}
-    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), checkpoint_identity)
-    resumed = checkpoints.resume(cfg.resume, checkpoint_identity)
+    checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), checkpoint_identity,
+                                    ranks=distributed.RankParts(group))
+    resumed = distributed.resume_group(checkpoints, cfg.resume, checkpoint_identity, group)
     if resumed is not None:
         log.info("resumed from step %d (checkpoint %s, reason %s)", resumed.step, resumed.path, resumed.reason)
     else:
@@ -195,14 +216,15 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
         return EXIT_OK
 
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
-    metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
-    samples = MetricsWriter(run_dir / cfg.logger.samples_file)
+    # Distributed hook: rank 0 writes the run's metrics and samples.
+    metrics = MetricsWriter(run_dir / cfg.logger.metrics_file) if group.is_main else distributed.NullWriter()
+    samples = MetricsWriter(run_dir / cfg.logger.samples_file) if group.is_main else distributed.NullWriter()
     status, reason, code = "failed", "exception", EXIT_FAILED
     try:
         status, reason, code = _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline)
         if status == "completed":
             if cfg.checkpoint.save_on_end:
-                if _already_saved(checkpoints, trainer.counters.step):
+                if trainer.group.broadcast(_already_saved(checkpoints, trainer.counters.step)):
                     _record_progress(session, trainer, checkpoints)
                 else:
                     _save(checkpoints, session, trainer, "end", deadline)
@@ -256,7 +278,7 @@ def _write_samples(cfg, trainer, samples) -> None:
 
 def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
     """PPO updates until max_steps, a stop signal or the deadline; returns (status, reason, code)."""
-    show = cfg.logger.progress_bars
+    show = cfg.logger.progress_bars and trainer.group.is_main  # distributed hook: rank 0's bars only
     with logging_redirect_tqdm():
         steps = tqdm(total=cfg.max_steps, initial=trainer.counters.step, desc="updates", unit="update",
                      disable=not show, dynamic_ncols=True)
@@ -264,6 +286,7 @@ def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: 
                       disable=not show, dynamic_ncols=True)
         try:
             while trainer.counters.step < cfg.max_steps:
+                stop.agree()  # distributed hook: every rank stops at the same boundary
                 if stop.requested:
                     break
                 if deadline.next_step_would_overrun():
@@ -283,6 +306,7 @@ def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: 
                     row["step"], row["reward/mean"], row["loss/total"], row["kl/mean"], row["entropy"],
                     row["clip_fraction"], row["time/step"],
                 )
+                stop.agree()
                 if stop.requested:
                     break
                 began = time.monotonic()

@@ -32,7 +32,7 @@ from so8t.checkpoint.errors import CheckpointError
 from so8t.checkpoint.identity import DEFAULT_SHAPE_KEYS, compare_identity, describe_differences
 from so8t.checkpoint.policy import SavePolicy
 from so8t.checkpoint.retention import Retention
-from so8t.checkpoint.state import capture_rng, flatten_state, restore_rng, tensor_bytes, unflatten_state
+from so8t.checkpoint.state import flatten_state, tensor_bytes, unflatten_state
 from so8t.checkpoint.store import (
     LATEST_FILE,
     MANIFEST_FILE,
@@ -83,12 +83,15 @@ class CheckpointService:
         clock: Callable[[], float] = time.monotonic,
         shape_keys: Iterable[str] = DEFAULT_SHAPE_KEYS,
         world_size: int | None = None,
+        ranks: Any = None,
     ) -> None:
         """
         ``cfg``: a ``CheckpointConfig``-like object (attribute access). ``parts``: name →
         object with ``state_dict()``/``load_state_dict()``. ``config_identity``: flat dict of
         the result-shaping config keys, neutral keys (hardware, logging, checkpoint cadence,
         ``max_steps`` …) already removed by the caller — see :mod:`so8t.checkpoint.identity`.
+        ``ranks``: a :class:`so8t.distributed.RankParts` when the run is one of a group of
+        processes (rank 0 writes, every rank hands over its RNG states); None: a lone process.
         """
         for name, part in parts.items():
             if not isinstance(name, str) or not name or name in _RESERVED_PARTS:
@@ -102,7 +105,11 @@ class CheckpointService:
         self.parts = dict(parts)
         self.extra_state = extra_state
         self.shape_keys = tuple(shape_keys)
-        self.world_size = world_size if world_size is not None else _world_size()
+        # Distributed hook: who writes, and how RNG states are handed over (so8t.distributed).
+        from so8t.distributed import RankParts
+
+        self.ranks = ranks if ranks is not None else RankParts()
+        self.world_size = world_size if world_size is not None else self.ranks.world_size
         self.store = CheckpointStore(self.run_dir / "checkpoints")
         self.policy = SavePolicy(cfg.policy, cfg.every_seconds, cfg.every_steps, clock=clock)
         self.retention = Retention(cfg.keep_last, cfg.keep_every_steps)
@@ -123,7 +130,7 @@ class CheckpointService:
         the older checkpoints stay intact. A skipped or failed save waits for the next
         cadence rather than retrying every step.
         """
-        reason = self.policy.due(step)
+        reason = self.ranks.agree_reason(self.policy.due(step))  # distributed hook: rank 0 decides
         if reason is None:
             return None
         return self._save(step, reason, background=self.writer is not None, strict=False)
@@ -158,6 +165,13 @@ class CheckpointService:
         # then includes the previous checkpoint.
         self.wait()
         self.policy.mark_saved(step)
+        if not self.ranks.is_writer:  # distributed hook: hand this rank's part to rank 0, which writes
+            self.ranks.capture_rng()
+            path = self.store.root / checkpoint_name(step)
+            if strict:
+                self.ranks.report_commit(None)  # waits for rank 0's commit; raises if it failed
+                self.last_saved = SavedCheckpoint(step=step, path=path, reason=reason, size_bytes=0)
+            return path
 
         tensors, skeleton = self._snapshot()
         needed = int(SPACE_MARGIN * max(self._previous_size(), tensor_bytes(tensors)))
@@ -183,15 +197,19 @@ class CheckpointService:
             self.writer.submit(self._write, step, tensors, skeleton, meta, reason)
             return self.store.root / checkpoint_name(step)
         try:
-            return self._write(step, tensors, skeleton, meta, reason)
+            path = self._write(step, tensors, skeleton, meta, reason)
         except OSError as exc:
             logger.error(
                 "Checkpoint at step %d (%s) FAILED: %s. The temporary folder was removed and "
                 "older checkpoints are intact.", step, reason, exc, exc_info=True,
             )
             if strict:
+                self.ranks.report_commit(str(exc))  # distributed hook: the other ranks fail too
                 raise CheckpointError(f"could not save the {reason} checkpoint at step {step}: {exc}") from exc
             return None
+        if strict:
+            self.ranks.report_commit(None)  # distributed hook: the group leaves the save together
+        return path
 
     def _snapshot(self) -> tuple[dict[str, Any], Any]:
         """Deep CPU copy of every part, the RNGs and the extra state, taken at the boundary.
@@ -202,7 +220,7 @@ class CheckpointService:
         """
         state = {
             "parts": {name: part.state_dict() for name, part in self.parts.items()},
-            "rng": capture_rng(),
+            "rng": self.ranks.capture_rng(),  # distributed hook: every rank's states, gathered
             "extra": self.extra_state() if self.extra_state is not None else None,
         }
         tensors, skeleton = flatten_state(state, reuse=self._snapshot_buffers)
@@ -300,6 +318,18 @@ class CheckpointService:
     def _restore(self, path: Path, loaded: tuple, rejected: list[tuple[Path, list[str]]], identity: dict) -> ResumeResult:
         tensors, skeleton, manifest = loaded
 
+        saved_world = int(manifest.get("world_size") or 1)
+        if saved_world != self.world_size:  # distributed hook: data shards and RNG streams are per rank
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by a group of {saved_world} process(es) "
+                f"(world_size={saved_world}) and this run has {self.world_size}. Each rank's prompts and "
+                "random streams belong to the world size, so the run continues only with the same one: "
+                + (f"launch it with `torchrun --nproc_per_node={saved_world} -m so8t.train …` (or nnodes x "
+                   f"nproc_per_node = {saved_world})" if saved_world > 1 else
+                   "launch it as one process (`so8t-train …`, or torchrun --nproc_per_node=1)")
+                + ". A run at another world size is another run: give it its own run_name "
+                "(or move this run's checkpoints away)."
+            )
         saved_identity = manifest.get("config_identity") or {}
         refused, changed = compare_identity(saved_identity, identity, self.shape_keys)
         if refused:
@@ -337,7 +367,7 @@ class CheckpointService:
                 raise CheckpointError(f"cannot restore part {name!r} from {path}: {exc}") from exc
         try:
             # Last, so nothing done while loading can advance the restored generators.
-            restore_rng(saved_rng)
+            self.ranks.restore_rng(saved_rng)  # distributed hook: each rank takes its own states
         except Exception as exc:
             raise CheckpointError(f"cannot restore the RNG state from {path}: {exc!r}") from exc
 
@@ -439,13 +469,3 @@ def _free_bytes(path: Path) -> float:
     except OSError:
         return float("inf")  # cannot tell: let the write itself find out
 
-
-def _world_size() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-    except Exception:  # a broken distributed setup is not the checkpoint's business
-        pass
-    return 1

@@ -168,6 +168,10 @@ class HardwareConfig:
     micro_batch_size: Optional[int] = None
     gradient_checkpointing: bool = False
     memory_budget_gb: Optional[float] = None
+    # torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on CPU), nccl or gloo.
+    distributed_backend: str = "auto"
+    # Seconds a collective may wait for the other ranks before failing with an error.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass

@@ -151,6 +151,8 @@ def _check_hardware(cfg: DictConfig, problems: list[str]) -> None:
     if cfg.hardware.num_threads is not None:
         _positive(cfg, "hardware.num_threads", problems)
     _positive(cfg, "hardware.memory_budget_gb", problems)
+    _one_of(cfg, "hardware.distributed_backend", ("auto", "nccl", "gloo"), problems)
+    _positive(cfg, "hardware.collective_timeout_s", problems)
 
 
 def _check_checkpoint(cfg: DictConfig, problems: list[str]) -> None:

@@ -111,7 +111,9 @@ class PPOTrainer:
         reward_normalizer=None,
         grad_scaler=None,
         samples_per_step: int = 4,
+        group=None,
     ) -> None:
+        from so8t.distributed import Group
         from so8t.model.stops import stop_token_ids
 
         self.policy = policy
@@ -124,7 +126,11 @@ class PPOTrainer:
         self.lr_scheduler = lr_scheduler
         self.kl_controller = kl_controller
         self.gate_schedule = gate_schedule
-        self.micro_batch_size = micro_batch_size or ppo_cfg.mini_batch_size
+        # Distributed hook (so8t.distributed): the batch sizes are global; this rank holds its
+        # share of every rollout and mini-batch, and global figures come from ``self.group``.
+        self.group = group or Group()
+        self.local_mini_batch_size = ppo_cfg.mini_batch_size // self.group.world_size
+        self.micro_batch_size = micro_batch_size or self.local_mini_batch_size
         self.device = torch.device(device)
         self.counters = Counters()
         self.pad_id = tokenizer.pad_token_id
@@ -199,8 +205,8 @@ class PPOTrainer:
         """The first PPO epoch's micro-batches, in order: mini-batches of ``order``, each cut
         into micro-batches (the grouping of :meth:`ppo_epoch`)."""
         groups = []
-        for start in range(0, len(order), self.cfg.mini_batch_size):
-            mini = order[start : start + self.cfg.mini_batch_size]
+        for start in range(0, len(order), self.local_mini_batch_size):
+            mini = order[start : start + self.local_mini_batch_size]
             groups += [mini[i : i + self.micro_batch_size] for i in range(0, len(mini), self.micro_batch_size)]
         return groups
 
@@ -260,27 +266,39 @@ class PPOTrainer:
             messages=[p.chat() for p in batch],
         )
         raw = torch.tensor(reward.total, dtype=torch.float32, device=self.device)
-        total = self.reward_normalizer(raw) if self.reward_normalizer is not None else raw
+        total = raw
+        if self.reward_normalizer is not None:
+            # Normalised by the statistics of the global batch, the same on every rank.
+            everyone = self.reward_normalizer(self.group.gather_rows(raw))
+            n = raw.shape[0]
+            total = everyone[self.group.rank * n : (self.group.rank + 1) * n]
         scores = total - cfg.missing_eos_penalty * (~rollout.ended_with_stop).float()
 
         mask = rollout.response_mask.float()
         rewards, kl = token_rewards(scores, rollout.logprobs, ref_logprobs, mask, self.kl_controller.value)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, total=self.group.sum)
 
+        # The logged figures are the global batch's (one gather of per-episode numbers).
+        episodes = self.group.gather_rows(torch.stack(
+            [raw, scores, kl.sum(1), mask.sum(1), rollout.ended_with_stop.float()], 1))
+        raw_all, scores_all, kl_all, length_all, ended_all = episodes.unbind(1)
         stats = {
-            "reward/mean": float(raw.mean()),
-            "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
-            "score/mean": float(scores.mean()),
-            "kl/mean": float(kl.sum(1).mean()),
+            "reward/mean": float(raw_all.mean()),
+            "reward/std": float(raw_all.std()) if raw_all.numel() > 1 else 0.0,
+            "score/mean": float(scores_all.mean()),
+            "kl/mean": float(kl_all.mean()),
             "kl/coef": float(self.kl_controller.value),
-            "response/length": float(mask.sum(1).mean()),
-            "response/eos_rate": float(rollout.ended_with_stop.float().mean()),
-            "value/explained_variance": explained_variance(rollout.values, returns, mask),
+            "response/length": float(length_all.mean()),
+            "response/eos_rate": float(ended_all.mean()),
+            "value/explained_variance": explained_variance(rollout.values, returns, mask, total=self.group.sum),
+            "episodes/step": int(raw_all.numel()),
+            "tokens/step": int(length_all.sum()),
             **times,
         }
-        for name, mean in reward.means().items():
+        term_means = reward.means() if not self.group.enabled else _global_term_means(reward, self.group)
+        for name, mean in term_means.items():
             if mean is not None:  # a term that scored nothing (None everywhere) is not logged
                 stats[f"reward/{name}"] = mean
         samples = [
@@ -324,9 +342,10 @@ class PPOTrainer:
         n = scored.rollout.response_ids.shape[0]
         order = order if order is not None else torch.randperm(n, device=self.device)
         scaler = self.grad_scaler
-        for start in range(0, n, cfg.mini_batch_size):
-            mini = order[start : start + cfg.mini_batch_size]
-            tokens_in_mini = float(scored.rollout.response_mask[mini].sum().clamp(min=1))
+        for start in range(0, n, self.local_mini_batch_size):
+            mini = order[start : start + self.local_mini_batch_size]
+            # The global mini-batch's token count: the ranks' losses then add up to its loss.
+            tokens_in_mini = float(self.group.sum(scored.rollout.response_mask[mini].sum()).clamp(min=1))
             self.optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
             clip, approx_kl = [], []
@@ -343,6 +362,11 @@ class PPOTrainer:
                 approx_kl.append(float(parts.approx_kl))
                 kl_sum += float(parts.approx_kl) * tokens
                 max_dev = max(max_dev, float(parts.ratio_max_dev))
+            # Distributed hook: every rank steps with the gradient of the global mini-batch.
+            self.group.sum_gradients(self.policy.trainable_parameters())
+            if self.group.enabled:
+                totals, clip, approx_kl, kl_sum, max_dev = _global_mini_batch_stats(
+                    self.group, totals, clip, approx_kl, kl_sum, max_dev)
             if "ppo/ratio_max_dev_start" not in stats:
                 # The first mini-batch of the first epoch: before any step, so the ratio is
                 # 1 wherever the old log-probs came from the training forward itself.
@@ -379,11 +403,11 @@ class PPOTrainer:
         ppo_time = time.perf_counter() - ppo_began
         lr = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler.step()
-        self.kl_controller.update(scored.stats["kl/mean"], scored.rollout.response_ids.shape[0])
+        self.kl_controller.update(scored.stats["kl/mean"], scored.stats["episodes/step"])
 
         self.counters.step += 1
-        self.counters.episodes += scored.rollout.response_ids.shape[0]
-        self.counters.tokens += int(scored.rollout.response_mask.sum())
+        self.counters.episodes += scored.stats.pop("episodes/step")  # the group's, counted once
+        self.counters.tokens += scored.stats.pop("tokens/step")
         step_time = time.perf_counter() - started
         self.counters.training_time += step_time
 
@@ -406,14 +430,41 @@ class PPOTrainer:
         return row
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """1 - Var(returns - values) / Var(returns) over real tokens: 1 when the value head
-    predicts the returns, 0 when it predicts no better than their mean, < 0 when worse."""
+    predicts the returns, 0 when it predicts no better than their mean, < 0 when worse.
+    ``total``: sums over the group's ranks (so8t.distributed.Group.sum), for global figures."""
     from so8t.ppo.advantages import masked_mean
 
-    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    var_returns = masked_mean((returns - masked_mean(returns, mask, total=total)) ** 2, mask, total=total)
     error = returns - values
-    var_error = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    var_error = masked_mean((error - masked_mean(error, mask, total=total)) ** 2, mask, total=total)
     if float(var_returns) == 0.0:
         return 0.0
     return float(1.0 - var_error / var_returns)
+
+
+
+def _global_term_means(reward, group) -> dict[str, float | None]:
+    """Each reward term's mean over the episodes it scored on every rank."""
+    names = list(reward.per_term)
+    flat = []
+    for name in names:
+        scored = [s for s in reward.per_term[name] if s is not None]
+        flat += [sum(scored), len(scored)]
+    flat = group.sum_floats(flat)
+    return {n: (flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else None) for i, n in enumerate(names)}
+
+
+def _global_mini_batch_stats(group, totals, clip, approx_kl, kl_sum, max_dev):
+    """A mini-batch's logged figures over every rank's share: the losses and the KL sum add
+    up (each rank's part is weighted by the global token count), the per-micro-batch
+    fractions average over ranks, the ratio's largest deviation is the largest anywhere."""
+    keys = list(totals)
+    values = group.sum_floats([*(totals[k] for k in keys), kl_sum, sum(clip) / len(clip),
+                               sum(approx_kl) / len(approx_kl)])
+    n = len(keys)
+    totals = dict(zip(keys, values[:n]))
+    return (totals, [values[n + 1] / group.world_size], [values[n + 2] / group.world_size], values[n],
+            group.max_float(max_dev))
