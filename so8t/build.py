@@ -91,9 +91,7 @@ def build_components(cfg, group=None) -> Components:
 
     group = group or Group()
     device, dtype = configure_hardware(cfg.hardware, group)
-    # Each rank its own sampling stream (rank 0's is the lone process's); the prompt sampler
-    # keeps cfg.seed, so every rank draws the same global batches.
-    seed_everything(cfg.seed + group.rank)
+    seed_everything(cfg.seed)
     policy, tokenizer = build_policy_and_tokenizer(cfg.model, cfg.adapter, device, dtype)
     if cfg.hardware.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
@@ -103,7 +101,9 @@ def build_components(cfg, group=None) -> Components:
         raise SetupError(str(exc)) from exc
     sampler = PromptSampler(len(prompts), cfg.ppo.rollout_batch_size, seed=cfg.seed)
     if group.enabled:
-        sampler = RankShard(sampler, group)  # this rank's slice of each global batch
+        # The prompt sampler keeps cfg.seed on every rank, so all draw the same global batches;
+        # each rank keeps its slice.
+        sampler = RankShard(sampler, group)
     log.info("a prompt as the model sees it: %r", prompts[0].text)
     grad_scaler = None
     if dtype == torch.float16:
@@ -136,6 +136,11 @@ def build_components(cfg, group=None) -> Components:
         samples_per_step=cfg.logger.samples_per_step,
         group=group,
     )
+    if group.enabled:
+        # Every rank starts from rank 0's trainable weights (the value head's initialisation
+        # draws from the RNG), then samples from its own stream.
+        group.broadcast_tensors(policy.trainable_parameters())
+        seed_everything(cfg.seed + group.rank)
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())
     log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts; stop token ids %s%s",
              n_trainable, cfg.adapter.kind, len(prompts), trainer.stop_ids,

@@ -8,7 +8,8 @@ PPO epochs on it; the ranks meet in a few collectives so that they stay one run:
   draws the same global batch from one sampler (same seed, same position on every rank) and
   keeps its contiguous slice (:class:`RankShard`). So a checkpoint needs the sampler's position
   once, and a run means the same thing at any world size.
-* **Randomness.** Rank r seeds its RNGs with ``seed + r`` (its own sampling stream); a
+* **Randomness.** Every rank starts from rank 0's trainable weights, then seeds its RNGs with
+  ``seed + rank`` (its own sampling stream); a
   checkpoint holds every rank's RNG states (gathered by rank 0) and each rank takes its own
   back on resume (:class:`RankParts`).
 * **Statistics.** Reward normalisation, advantage whitening, KL, the KL controller's input and
@@ -154,6 +155,17 @@ class Group:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def broadcast_tensors(self, tensors: Iterable) -> None:
+        """Rank 0's values of ``tensors`` (parameters) on every rank, in place."""
+        if not self.enabled:
+            return
+        import torch
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for tensor in tensors:
+                dist.broadcast(tensor.data, src=0)
 
     def sum_gradients(self, parameters: Iterable) -> None:
         """Sum the gradients of ``parameters`` over ranks, as one flat buffer (one collective).
