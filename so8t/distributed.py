@@ -222,7 +222,7 @@ def hydra_overrides_for_rank() -> list[str]:
         f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/train.rank{rank}.log",
         "hydra.output_subdir=null",
         # Rank 0 tells the story on the console; the others only warn there.
-        "hydra.job_logging.handlers.console.level=WARNING",
+        "++hydra.job_logging.handlers.console.level=WARNING",
     ]
 
 
