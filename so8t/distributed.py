@@ -60,6 +60,7 @@ __all__ = [
     "check_batch_sizes",
     "resume_group",
     "redirect_rank_log",
+    "failure_hint",
 ]
 
 
@@ -307,6 +308,18 @@ def redirect_rank_log(run_dir: Path, group: Group) -> None:
             root.removeHandler(handler)
             handler.close()
             root.addHandler(replacement)
+
+
+def failure_hint(group: Group) -> str | None:
+    """What to tell the user when a rank of a group fails: a collective that failed means
+    another rank died, was killed or did not answer within the timeout, and the group as a
+    whole has to be started again."""
+    if not group.enabled:
+        return None
+    return (f"rank {group.rank} of {group.world_size} stopped. If the error above is in a collective "
+            "(a closed connection, a timeout), another rank of the group failed, was killed or did not answer "
+            "within hardware.collective_timeout_s: see train.log (rank 0) and train.rank<N>.log. The group "
+            "ends as a whole; re-running the same command resumes every rank from the last committed checkpoint.")
 
 
 # ---------------------------------------------------------------------- data

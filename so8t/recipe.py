@@ -154,6 +154,9 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
         # The traceback goes to train.log; the attempt (opened here if setup failed before
         # training began) is closed as failed.
         log.exception("the run failed")
+        hint = distributed.failure_hint(group)  # distributed hook: say why a collective failed
+        if hint:
+            log.error("%s", hint)
         if session.attempt_index is None:
             session.start_attempt(cfg.max_steps, None, None)
             session.end_attempt("failed", "exception", EXIT_FAILED)

@@ -52,8 +52,10 @@ class Launch:
     def __init__(self, cwd: Path, args: list[str], label: str):
         self.out_path = cwd.parent / f"{cwd.name}-{label}.out"
         self._out = open(self.out_path, "w")  # noqa: SIM115 - closed in wait()
-        self.popen = subprocess.Popen(args, cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1"))
+        self.started = time.monotonic()
+        # torchrun waits this long for the ranks it signals before it kills them (30 s by default).
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
+        self.popen = subprocess.Popen(args, cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT, env=env)
 
     def wait(self, timeout: float = TIMEOUT) -> int:
         try:
@@ -262,3 +264,58 @@ def test_one_process_refuses_a_two_rank_checkpoint(twin, launcher, tmp_path):
     assert "world_size=2" in lone.output and "--nproc_per_node=2" in lone.output
     assert "Traceback" not in lone.output
     assert parse_step(CheckpointStore(copy / "checkpoints").read_latest()) == MAX_STEPS  # nothing lost
+
+
+def test_a_signal_to_one_rank_stops_the_whole_group_at_one_step(launcher, tmp_path):
+    cwd = tmp_path / "work"
+    group = launcher(cwd, "checkpoint.every_steps=1000", "max_steps=1000", label="usr1")
+    wait_for(lambda: any(cwd.glob("outputs/*/runs/*")) and metric_rows(run_dir_of(cwd)) >= 3, group, "3 updates")
+    group.ranks()[1].send_signal(signal.SIGUSR1)  # only rank 1 hears it
+    group.wait()
+    run_dir = run_dir_of(cwd)
+    attempt = session_of(run_dir)["attempts"][-1]
+    assert (attempt["end_reason"], attempt["exit_code"]) == ("SIGUSR1", 138)
+    saved = CheckpointStore(run_dir / "checkpoints").list_checkpoints()
+    assert len(saved) == 1
+    step = parse_step(saved[0].name)
+    for log in ("train.log", "train.rank1.log"):
+        assert f"stop requested by SIGUSR1: saving at step {step}, then exiting with code 138" in (
+            run_dir / log).read_text(), log
+    assert "exitcode  : 138" in group.output
+
+
+def test_the_deadline_is_the_groups(launcher, tmp_path):
+    cwd = tmp_path / "work"
+    group = launcher(cwd, "checkpoint.every_steps=1000", "max_steps=100000", "max_wall_seconds=10",
+                     label="deadline")
+    group.wait()
+    assert time.monotonic() - group.started < 60
+    run_dir = run_dir_of(cwd)
+    attempt = session_of(run_dir)["attempts"][-1]
+    assert (attempt["end_reason"], attempt["exit_code"]) == ("deadline", 75)
+    saved = CheckpointStore(run_dir / "checkpoints").list_checkpoints()
+    assert len(saved) == 1 and CheckpointStore(run_dir / "checkpoints").load(saved[0])[2]["reason"] == "deadline"
+    assert "exitcode  : 75" in group.output
+
+
+def test_a_rank_that_stops_answering_fails_the_group_after_the_collective_timeout(launcher, tmp_path):
+    cwd = tmp_path / "work"
+    overrides = ("checkpoint.every_steps=2", "hardware.collective_timeout_s=4")
+    group = launcher(cwd, *overrides, "max_steps=1000", label="hung")
+    wait_for(lambda: any(cwd.glob("outputs/*/runs/*")) and (run_dir_of(cwd) / "checkpoints" / "LATEST").exists(),
+             group, "a checkpoint")
+    hung = group.ranks()[1]
+    hung.suspend()  # alive but silent: only the timeout can end the wait
+    stopped = time.monotonic()
+    group.wait()
+    assert time.monotonic() - stopped < 90
+    run_dir = run_dir_of(cwd)
+    log = (run_dir / "train.log").read_text()
+    assert "rank 0 of 2 stopped" in log and "collective_timeout_s" in log
+    attempt = session_of(run_dir)["attempts"][-1]
+    assert (attempt["status"], attempt["exit_code"]) == ("failed", 1)
+    assert not hung.is_running() or hung.status() == psutil.STATUS_ZOMBIE
+
+    again = launcher(cwd, *overrides, "max_steps=6", label="resumed")  # the lock is free again
+    assert again.wait() == 0, again.output[-4000:]
+    assert "resumed from step" in (run_dir / "train.log").read_text()
