@@ -120,6 +120,17 @@ class Group:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
 
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        if not self.enabled:
+            return int(value)
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([int(value)], dtype=torch.int64, device=self._device())
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
+
     def gather_rows(self, tensor):
         """Every rank's ``tensor`` concatenated along dim 0, in rank order (equal shapes)."""
         if not self.enabled:
@@ -370,8 +381,14 @@ class RankParts:
         return self.group.world_size
 
     def agree_reason(self, reason: str | None) -> str | None:
-        """Rank 0's save decision (a time cadence reads each rank's own clock)."""
-        return self.group.broadcast(reason)
+        """Rank 0's save decision (a time cadence reads each rank's own clock); sent as a
+        number, one small collective per step boundary."""
+        if not self.group.enabled:
+            return reason
+        from so8t.checkpoint.service import SAVE_REASONS
+
+        agreed = self.group.broadcast_int(0 if reason is None else 1 + SAVE_REASONS.index(reason))
+        return None if agreed == 0 else SAVE_REASONS[agreed - 1]
 
     def capture_rng(self) -> Any:
         """This rank's RNG states, gathered on rank 0 (a collective: every rank calls it at the

@@ -66,6 +66,7 @@ def _worker(rank: int, folder: str) -> None:
         trainer.policy.train_without_dropout()
         stats: dict = {}
         trainer.ppo_epoch(mine, stats, order=torch.arange(share))
+        stats = trainer.global_ppo_stats(stats)
         handed = RankParts(group).capture_rng()
         if rank == 0:
             torch.save(handed["ranks"], f"{folder}/rng.pt")
@@ -108,7 +109,8 @@ def test_two_ranks_take_the_step_of_one_process_over_both_halves(tmp_path):
     for key in expected:  # and the ranks hold exactly the same weights
         assert torch.equal(results[0]["weights"][key], results[1]["weights"][key])
     # Logged figures are the global mini-batch's.
-    for key in ("loss", "policy_loss", "value_loss", "grad_norm", "clip_fraction"):
+    for key in ("loss", "policy_loss", "value_loss", "entropy", "grad_norm", "clip_fraction",
+                "ppo/approx_kl_start", "ppo/ratio_max_dev_start"):
         assert results[0]["stats"][key] == pytest.approx(single_stats[key], rel=1e-4, abs=1e-6), key
         assert results[0]["stats"][key] == results[1]["stats"][key]
 

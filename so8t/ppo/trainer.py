@@ -267,7 +267,9 @@ class PPOTrainer:
         )
         raw = torch.tensor(reward.total, dtype=torch.float32, device=self.device)
         total = raw
-        if self.reward_normalizer is not None:
+        if self.reward_normalizer is not None and not getattr(self.reward_normalizer, "enabled", True):
+            total = self.reward_normalizer(raw)  # clipping only: no statistics to share
+        elif self.reward_normalizer is not None:
             # Normalised by the statistics of the global batch, the same on every rank.
             everyone = self.reward_normalizer(self.group.gather_rows(raw))
             n = raw.shape[0]
@@ -292,7 +294,7 @@ class PPOTrainer:
             "kl/coef": float(self.kl_controller.value),
             "response/length": float(length_all.mean()),
             "response/eos_rate": float(ended_all.mean()),
-            "value/explained_variance": explained_variance(rollout.values, returns, mask, total=self.group.sum),
+            "value/explained_variance": explained_variance(rollout.values, returns, mask, group=self.group),
             "episodes/step": int(raw_all.numel()),
             "tokens/step": int(length_all.sum()),
             **times,
@@ -342,10 +344,12 @@ class PPOTrainer:
         n = scored.rollout.response_ids.shape[0]
         order = order if order is not None else torch.randperm(n, device=self.device)
         scaler = self.grad_scaler
-        for start in range(0, n, self.local_mini_batch_size):
-            mini = order[start : start + self.local_mini_batch_size]
-            # The global mini-batch's token count: the ranks' losses then add up to its loss.
-            tokens_in_mini = float(self.group.sum(scored.rollout.response_mask[mini].sum()).clamp(min=1))
+        minis = [order[start : start + self.local_mini_batch_size] for start in range(0, n, self.local_mini_batch_size)]
+        # Each global mini-batch's token count (one collective for the epoch): the ranks'
+        # losses, weighted by it, add up to the global mini-batch's loss.
+        mini_tokens = self.group.sum(torch.stack([scored.rollout.response_mask[mini].sum() for mini in minis]))
+        for mini, tokens_of_mini in zip(minis, mini_tokens):
+            tokens_in_mini = float(tokens_of_mini.clamp(min=1))
             self.optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
             clip, approx_kl = [], []
@@ -362,11 +366,9 @@ class PPOTrainer:
                 approx_kl.append(float(parts.approx_kl))
                 kl_sum += float(parts.approx_kl) * tokens
                 max_dev = max(max_dev, float(parts.ratio_max_dev))
-            # Distributed hook: every rank steps with the gradient of the global mini-batch.
+            # Distributed hook: every rank steps with the gradient of the global mini-batch
+            # (the logged figures are made global once per update, in global_ppo_stats).
             self.group.sum_gradients(self.policy.trainable_parameters())
-            if self.group.enabled:
-                totals, clip, approx_kl, kl_sum, max_dev = _global_mini_batch_stats(
-                    self.group, totals, clip, approx_kl, kl_sum, max_dev)
             if "ppo/ratio_max_dev_start" not in stats:
                 # The first mini-batch of the first epoch: before any step, so the ratio is
                 # 1 wherever the old log-probs came from the training forward itself.
@@ -386,6 +388,27 @@ class PPOTrainer:
             stats.setdefault("approx_kl", []).append(sum(approx_kl) / len(approx_kl))
             stats.setdefault("grad_norm", []).append(float(grad_norm))
 
+    def global_ppo_stats(self, stats: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The PPO epochs' logged figures over every rank's share (one collective per update):
+        losses, entropy and the start KL add up (each rank's part is weighted by the global
+        token count), the per-rank fractions average, the ratio's largest deviation is the
+        largest anywhere; the gradient norm is the same on every rank already."""
+        if not self.group.enabled:
+            return stats
+        summed = [k for k in ("loss", "policy_loss", "value_loss", "entropy", "ppo/approx_kl_start") if k in stats]
+        averaged = [k for k in ("clip_fraction", "approx_kl") if k in stats]
+        keys = summed + averaged
+        flat = self.group.sum_floats([v for k in keys for v in stats[k]])
+        out, at = dict(stats), 0
+        for key in keys:
+            n = len(stats[key])
+            scale = 1.0 if key in summed else 1.0 / self.group.world_size
+            out[key] = [v * scale for v in flat[at : at + n]]
+            at += n
+        if "ppo/ratio_max_dev_start" in stats:
+            out["ppo/ratio_max_dev_start"] = [self.group.max_float(stats["ppo/ratio_max_dev_start"][0])]
+        return out
+
     def train_step(self, on_epoch: Callable[[int], None] | None = None) -> dict:
         """One PPO update. Returns the metrics row for this step (phase times included)."""
         started = time.perf_counter()
@@ -400,6 +423,7 @@ class PPOTrainer:
             if on_epoch is not None:
                 on_epoch(epoch)
         self.policy.eval()
+        stats = self.global_ppo_stats(stats)
         ppo_time = time.perf_counter() - ppo_began
         lr = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler.step()
@@ -430,16 +454,25 @@ class PPOTrainer:
         return row
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group=None) -> float:
     """1 - Var(returns - values) / Var(returns) over real tokens: 1 when the value head
     predicts the returns, 0 when it predicts no better than their mean, < 0 when worse.
-    ``total``: sums over the group's ranks (so8t.distributed.Group.sum), for global figures."""
+    ``group``: a so8t.distributed.Group whose ranks' tokens all count (from their moments,
+    summed in one collective)."""
     from so8t.ppo.advantages import masked_mean
 
-    var_returns = masked_mean((returns - masked_mean(returns, mask, total=total)) ** 2, mask, total=total)
+    if group is not None and group.enabled:
+        error = returns - values
+        mask = mask.to(returns.dtype)
+        n, r1, r2, e1, e2 = group.sum_floats([float(x) for x in (
+            mask.sum(), (returns * mask).sum(), (returns**2 * mask).sum(), (error * mask).sum(),
+            (error**2 * mask).sum())])
+        n = max(n, 1.0)
+        var_returns, var_error = r2 / n - (r1 / n) ** 2, e2 / n - (e1 / n) ** 2
+        return 0.0 if var_returns <= 0.0 else float(1.0 - var_error / var_returns)
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     error = returns - values
-    var_error = masked_mean((error - masked_mean(error, mask, total=total)) ** 2, mask, total=total)
+    var_error = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
     if float(var_returns) == 0.0:
         return 0.0
     return float(1.0 - var_error / var_returns)
@@ -456,15 +489,3 @@ def _global_term_means(reward, group) -> dict[str, float | None]:
     flat = group.sum_floats(flat)
     return {n: (flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else None) for i, n in enumerate(names)}
 
-
-def _global_mini_batch_stats(group, totals, clip, approx_kl, kl_sum, max_dev):
-    """A mini-batch's logged figures over every rank's share: the losses and the KL sum add
-    up (each rank's part is weighted by the global token count), the per-micro-batch
-    fractions average over ranks, the ratio's largest deviation is the largest anywhere."""
-    keys = list(totals)
-    values = group.sum_floats([*(totals[k] for k in keys), kl_sum, sum(clip) / len(clip),
-                               sum(approx_kl) / len(approx_kl)])
-    n = len(keys)
-    totals = dict(zip(keys, values[:n]))
-    return (totals, [values[n + 1] / group.world_size], [values[n + 2] / group.world_size], values[n],
-            group.max_float(max_dev))
