@@ -8,6 +8,7 @@ exports ``final/`` and closes the attempt in ``session.json``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -282,7 +283,9 @@ def _write_samples(cfg, trainer, samples) -> None:
 def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
     """PPO updates until max_steps, a stop signal or the deadline; returns (status, reason, code)."""
     show = cfg.logger.progress_bars and trainer.group.is_main  # distributed hook: rank 0's bars only
-    with logging_redirect_tqdm():
+    # Only around visible bars: the redirection swaps the console handler for one that
+    # ignores its level (a rank other than 0 shows warnings only).
+    with logging_redirect_tqdm() if show else contextlib.nullcontext():
         steps = tqdm(total=cfg.max_steps, initial=trainer.counters.step, desc="updates", unit="update",
                      disable=not show, dynamic_ncols=True)
         epochs = tqdm(total=cfg.ppo.ppo_epochs, desc="ppo epochs", unit="epoch", leave=False,
