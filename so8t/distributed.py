@@ -367,7 +367,13 @@ class RankParts:
     sampler are the same on every rank (every rank takes the same steps on global figures), so
     rank 0's are the group's; only the RNG streams differ, and a checkpoint holds them all as
     ``{"world_size": W, "ranks": [rank 0's, rank 1's, …]}``. A lone process keeps the plain
-    single-process layout."""
+    single-process layout.
+
+    The hand-over is the gather itself, done at the step boundary before rank 0 writes, so a
+    committed checkpoint holds every rank's part (or, if a rank died first, is never written).
+    A synchronous save (signal, deadline, end) also ends with rank 0 telling the others it
+    committed (:meth:`report_commit`, a barrier), so no rank exits before the checkpoint it
+    stops at exists; a background save does not wait for that, as in a single process."""
 
     def __init__(self, group: Group | None = None):
         self.group = group or Group()

@@ -49,12 +49,13 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 class Launch:
     """One launch (torchrun group or lone process), its output in a file."""
 
-    def __init__(self, cwd: Path, args: list[str], label: str):
+    def __init__(self, cwd: Path, args: list[str], label: str, shutdown_timeout: int = 30):
         self.out_path = cwd.parent / f"{cwd.name}-{label}.out"
         self._out = open(self.out_path, "w")  # noqa: SIM115 - closed in wait()
         self.started = time.monotonic()
-        # torchrun waits this long for the ranks it signals before it kills them (30 s by default).
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
+        # How long torchrun waits for the ranks it signals before it kills them (its default: 30 s).
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1",
+                   TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(shutdown_timeout))
         self.popen = subprocess.Popen(args, cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT, env=env)
 
     def wait(self, timeout: float = TIMEOUT) -> int:
@@ -100,12 +101,13 @@ class Launch:
 def launcher(tmp_path):
     launches: list[Launch] = []
 
-    def start(cwd: Path, *overrides: str, ranks: int = 2, label: str = "run") -> Launch:
+    def start(cwd: Path, *overrides: str, ranks: int = 2, label: str = "run", shutdown_timeout: int = 30) -> Launch:
         cwd.mkdir(exist_ok=True)
         head = [*TORCHRUN[:-1], str(ranks)] if ranks > 1 else [sys.executable]
         given = {o.split("=", 1)[0] for o in overrides}
         base = [o for o in RUN if o.split("=", 1)[0] not in given]
-        launch = Launch(cwd, [*head, "-m", "so8t.train", *base, *overrides], f"{len(launches) + 1}-{label}")
+        launch = Launch(cwd, [*head, "-m", "so8t.train", *base, *overrides], f"{len(launches) + 1}-{label}",
+                        shutdown_timeout)
         launches.append(launch)
         return launch
 
@@ -301,7 +303,8 @@ def test_the_deadline_is_the_groups(launcher, tmp_path):
 def test_a_rank_that_stops_answering_fails_the_group_after_the_collective_timeout(launcher, tmp_path):
     cwd = tmp_path / "work"
     overrides = ("checkpoint.every_steps=2", "hardware.collective_timeout_s=4")
-    group = launcher(cwd, *overrides, "max_steps=1000", label="hung")
+    # torchrun ends the silent rank once rank 0 failed: after 5 s rather than 30 it kills it.
+    group = launcher(cwd, *overrides, "max_steps=1000", label="hung", shutdown_timeout=5)
     wait_for(lambda: any(cwd.glob("outputs/*/runs/*")) and (run_dir_of(cwd) / "checkpoints" / "LATEST").exists(),
              group, "a checkpoint")
     hung = group.ranks()[1]
