@@ -14,6 +14,7 @@ What is proved here:
   rank; ``kill -9`` of one rank ends the group; the same command resumes from the last
   committed checkpoint and ends bit-exact to the twin.
 * A 2-rank checkpoint resumed by one process is refused (exit 2) with what to do.
+* ``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath) starts the same group.
 
 Kept as small as a run can be (tiny model, 8 episodes a step, 1 thread per rank): the twin,
 shared by the tests, is 30 short updates.
@@ -322,3 +323,19 @@ def test_a_rank_that_stops_answering_fails_the_group_after_the_collective_timeou
     again = launcher(cwd, *overrides, "max_steps=6", label="resumed")  # the lock is free again
     assert again.wait() == 0, again.output[-4000:]
     assert "resumed from step" in (run_dir / "train.log").read_text()
+
+
+def test_accelerate_launch_starts_the_same_group(tmp_path):
+    """``accelerate launch --multi_gpu`` runs torchrun underneath: the same environment, the
+    same group (on CPU, gloo)."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    launch = Launch(cwd, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "so8t.train", *(o for o in RUN if not o.startswith("max_steps=")), "max_steps=2"],
+                    "accelerate")
+    assert launch.wait() == 0, launch.output[-4000:]
+    run_dir = run_dir_of(cwd)
+    assert "rank 0 of 2" in (run_dir / "train.log").read_text()
+    assert "rank 1 of 2" in (run_dir / "train.rank1.log").read_text()
+    assert [r["episodes"] for r in read_metrics(run_dir / "metrics.jsonl")] == [8, 16]
