@@ -478,7 +478,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1.0 - var_error / var_returns)
 
 
-
 def _global_term_means(reward, group) -> dict[str, float | None]:
     """Each reward term's mean over the episodes it scored on every rank."""
     names = list(reward.per_term)
