@@ -34,10 +34,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def configure_hardware(hw_cfg) -> tuple[torch.device, torch.dtype]:
+def configure_hardware(hw_cfg, group=None) -> tuple[torch.device, torch.dtype]:
     if hw_cfg.num_threads:
         torch.set_num_threads(hw_cfg.num_threads)
-    return resolve_device(hw_cfg.device), DTYPES[hw_cfg.dtype]
+    device = resolve_device(hw_cfg.device)
+    if group is not None and group.enabled and device.type == "cuda" and device.index is None:
+        # One GPU per rank of a node: the launcher's LOCAL_RANK picks it.
+        device = resolve_device(f"cuda:{group.local_rank}")
+    return device, DTYPES[hw_cfg.dtype]
 
 
 def build_policy_and_tokenizer(model_cfg, adapter_cfg, device: torch.device, dtype: torch.dtype):
@@ -77,7 +81,8 @@ class Components:
     base_fingerprint: dict
 
 
-def build_components(cfg) -> Components:
+def build_components(cfg, group=None) -> Components:
+    """``group``: this process's :class:`so8t.distributed.Group` (None: a lone process)."""
     from so8t.data.prompts import build_prompts
     from so8t.data.sampler import PromptSampler
     from so8t.ppo.kl import build_kl_controller
@@ -85,11 +90,12 @@ def build_components(cfg) -> Components:
     from so8t.ppo.trainer import PPOTrainer
     from so8t.rewards import build_reward
     from so8t.rewards.normalize import RewardNormalizer
-
+    from so8t.distributed import Group, RankShard
     from so8t.model.quantization import check_quantization
     from so8t.preflight import check_memory
 
-    device, dtype = configure_hardware(cfg.hardware)
+    group = group or Group()
+    device, dtype = configure_hardware(cfg.hardware, group)
     # Before any weight is loaded: a config that cannot run or cannot fit stops here.
     check_quantization(cfg.model.quantization, device)
     check_memory(cfg, device)
@@ -102,6 +108,10 @@ def build_components(cfg) -> Components:
     except (OSError, ValueError) as exc:  # the messages name the data key, file and line
         raise SetupError(str(exc)) from exc
     sampler = PromptSampler(len(prompts), cfg.ppo.rollout_batch_size, seed=cfg.seed)
+    if group.enabled:
+        # The prompt sampler keeps cfg.seed on every rank, so all draw the same global batches;
+        # each rank keeps its slice.
+        sampler = RankShard(sampler, group)
     log.info("a prompt as the model sees it: %r", prompts[0].text)
     grad_scaler = None
     if dtype == torch.float16:
@@ -134,7 +144,13 @@ def build_components(cfg) -> Components:
         samples_per_step=cfg.logger.samples_per_step,
         rollout_micro_batch_size=cfg.hardware.rollout_micro_batch_size,
         frozen_prefix_reuse=cfg.hardware.frozen_prefix_reuse,
+        group=group,
     )
+    if group.enabled:
+        # Every rank starts from rank 0's trainable weights (the value head's initialisation
+        # draws from the RNG), then samples from its own stream.
+        group.broadcast_tensors(policy.trainable_parameters())
+        seed_everything(cfg.seed + group.rank)
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())
     log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts; stop token ids %s%s",
              n_trainable, cfg.adapter.kind, len(prompts), trainer.stop_ids,

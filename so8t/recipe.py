@@ -8,6 +8,7 @@ exports ``final/`` and closes the attempt in ``session.json``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -92,6 +93,8 @@ class Deadline:
 def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
     from so8t.model.export import save_final
 
+    if not components.trainer.group.is_main:  # distributed hook: rank 0 writes final/
+        return
     trainer = components.trainer
     gate = trainer.gate_schedule.value(trainer.counters.step) if trainer.gate_schedule is not None else None
     save_final(
@@ -113,42 +116,61 @@ def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
 
 def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
+    from so8t import distributed
     from so8t.errors import CheckpointError, ModelNotAvailableError, SetupError
-    from so8t.run.attempts import archive_hydra_config
+    from so8t.run.attempts import adopt_hydra_files, archive_hydra_config, discard_hydra_files
     from so8t.run.lock import RunLock, RunLockedError, RunLockUnavailableError
+    from so8t.run.run_log import discard_run_log, open_run_log
     from so8t.run.session import SessionFile
     from so8t.run.signals import StopSignal
 
     started = _process_started()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
     logging.getLogger("so8t").setLevel(cfg.logger.level)
-    from so8t.run.attempts import adopt_hydra_files, discard_hydra_files
-    from so8t.run.run_log import discard_run_log, open_run_log
-
-    incoming = _hydra_output_subdir()
-    lock = RunLock(run_dir)
+    # Distributed hook (so8t.distributed): join the launcher's process group (a lone process
+    # is a group of one); rank 0 holds the lock, and its outcome is every rank's.
     try:
-        lock.acquire()
-    except RunLockedError as exc:
-        # The run is another live process's: leave its train.log and .hydra/ alone.
-        discard_run_log()
-        discard_hydra_files(run_dir, incoming)
-        log.error("%s", exc)
-        return EXIT_LOCKED
-    except RunLockUnavailableError as exc:
+        group = distributed.join_group(cfg.hardware)
+        distributed.check_batch_sizes(cfg.ppo, cfg.hardware, group)
+    except SetupError as exc:
         open_run_log()
         log.error("%s", exc)
         return EXIT_REFUSED
+    distributed.redirect_rank_log(run_dir, group)
+    incoming = _hydra_output_subdir()
+    lock = RunLock(run_dir)
+    refusal = None
+    if group.is_main:
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            refusal = (EXIT_LOCKED, str(exc))
+        except RunLockUnavailableError as exc:
+            refusal = (EXIT_REFUSED, str(exc))
+    refusal = group.broadcast(refusal)
+    if refusal is not None:
+        code, message = refusal
+        if code == EXIT_LOCKED:
+            # The run is another live process's: leave its train.log and .hydra/ alone.
+            discard_run_log()
+            discard_hydra_files(run_dir, incoming)
+        else:
+            open_run_log()
+        log.error("%s", message)
+        return code
     open_run_log()
-    adopt_hydra_files(run_dir, incoming)
-    stop = StopSignal().install()
-    session = SessionFile(run_dir)
+    if group.is_main:
+        adopt_hydra_files(run_dir, incoming)
+    stop = distributed.GroupStop(StopSignal(), group).install()
+    session = SessionFile(run_dir) if group.is_main else distributed.NullSession()
     try:
-        if _completed_already(cfg, run_dir, session):
+        if group.broadcast(_completed_already(cfg, run_dir, session) if group.is_main else None):
             return EXIT_OK
-        archive_hydra_config(run_dir)
+        if group.is_main:
+            archive_hydra_config(run_dir)
         session.load()
-        return _train(cfg, run_dir, session, stop, Deadline(cfg.max_wall_seconds, started), lock)
+        deadline = distributed.AgreedDeadline(Deadline(cfg.max_wall_seconds, started), group)
+        return _train(cfg, run_dir, session, stop, deadline, lock, group)
     except (CheckpointError, ModelNotAvailableError, SetupError) as exc:
         log.error("%s", exc)
         return EXIT_REFUSED
@@ -156,6 +178,9 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
         # The traceback goes to train.log; the attempt (opened here if setup failed before
         # training began) is closed as failed.
         log.exception("the run failed")
+        hint = distributed.failure_hint(group)  # distributed hook: say why a collective failed
+        if hint:
+            log.error("%s", hint)
         if session.attempt_index is None:
             session.start_attempt(cfg.max_steps, None, None)
             session.end_attempt("failed", "exception", EXIT_FAILED)
@@ -199,7 +224,9 @@ def _use_deterministic_algorithms() -> None:
     log.info("torch.use_deterministic_algorithms(True) (SO8T_DETERMINISTIC=1)")
 
 
-def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lock) -> int:
+def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lock, group) -> int:
+    from so8t import distributed
+
     from so8t.build import build_components
     from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointService
     from so8t.config.identity import config_identity
@@ -210,16 +237,17 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
     log.info("run dir: %s", run_dir.resolve())
     if os.environ.get("SO8T_DETERMINISTIC") == "1":
         _use_deterministic_algorithms()
-    components = build_components(cfg)
+    components = build_components(cfg, group)
     trainer = components.trainer
     identity = config_identity(cfg)
     # Checkpoints also record which base weights they were trained on (session.json keeps the
     # config identity alone, so a completed run is recognised without loading the model).
     checkpoint_identity = {**identity, **components.base_fingerprint}
     checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), checkpoint_identity,
-                                    shape_keys=(*DEFAULT_SHAPE_KEYS, *RESUME_SHAPE_KEYS), fence=lock.check_owner)
+                                    shape_keys=(*DEFAULT_SHAPE_KEYS, *RESUME_SHAPE_KEYS), fence=lock.check_owner,
+                                    ranks=distributed.RankParts(group))
     fresh = capture_hyperparameters(trainer)
-    resumed = checkpoints.resume(cfg.resume, checkpoint_identity)
+    resumed = distributed.resume_group(checkpoints, cfg.resume, checkpoint_identity, group)
     if resumed is not None:
         reapply_hyperparameters(trainer, fresh, cfg.ppo.kl.kind, resumed.changed_keys)
         log.info("resumed from step %d (checkpoint %s, reason %s)", resumed.step, resumed.path, resumed.reason)
@@ -244,14 +272,15 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
     from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
 
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
-    metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
-    samples = MetricsWriter(run_dir / cfg.logger.samples_file)
+    # Distributed hook: rank 0 writes the run's metrics and samples.
+    metrics = MetricsWriter(run_dir / cfg.logger.metrics_file) if group.is_main else distributed.NullWriter()
+    samples = MetricsWriter(run_dir / cfg.logger.samples_file) if group.is_main else distributed.NullWriter()
     status, reason, code = "failed", "exception", EXIT_FAILED
     try:
         try:
             status, reason, code = _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline)
             if status == "completed" and cfg.checkpoint.save_on_end:
-                if _already_saved(checkpoints, trainer.counters.step):
+                if trainer.group.broadcast(_already_saved(checkpoints, trainer.counters.step)):
                     _record_progress(session, trainer, checkpoints)
                 else:
                     _save(checkpoints, session, trainer, "end", deadline)
@@ -346,14 +375,17 @@ def _stop_save(checkpoints, session, trainer, reason: str, deadline: Deadline) -
 
 def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
     """PPO updates until max_steps, a stop signal or the deadline; returns (status, reason, code)."""
-    show = cfg.logger.progress_bars
-    with logging_redirect_tqdm():
+    show = cfg.logger.progress_bars and trainer.group.is_main  # distributed hook: rank 0's bars only
+    # Only around visible bars: the redirection swaps the console handler for one that
+    # ignores its level (a rank other than 0 shows warnings only).
+    with logging_redirect_tqdm() if show else contextlib.nullcontext():
         steps = tqdm(total=cfg.max_steps, initial=trainer.counters.step, desc="updates", unit="update",
                      disable=not show, dynamic_ncols=True)
         epochs = tqdm(total=cfg.ppo.ppo_epochs, desc="ppo epochs", unit="epoch", leave=False,
                       disable=not show, dynamic_ncols=True)
         try:
             while trainer.counters.step < cfg.max_steps:
+                stop.agree()  # distributed hook: every rank stops at the same boundary
                 if stop.requested:
                     break
                 if deadline.next_step_would_overrun():
@@ -373,6 +405,7 @@ def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: 
                     row["step"], row["reward/mean"], row["loss/total"], row["kl/mean"], row["entropy"],
                     row["clip_fraction"], row["time/step"],
                 )
+                stop.agree()
                 if stop.requested:
                     break
                 began = time.monotonic()

@@ -61,6 +61,10 @@ def _preflight(cfg: DictConfig) -> int:
 
 
 def main() -> None:
+    from so8t.distributed import hydra_overrides_for_rank
+
+    # Under torchrun, ranks other than 0 log to train.rank<N>.log and leave .hydra/ to rank 0.
+    sys.argv += hydra_overrides_for_rank()
     _run()
 
 

@@ -32,7 +32,7 @@ from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, O
 from so8t.checkpoint.identity import DEFAULT_SHAPE_KEYS, compare_identity, describe_differences
 from so8t.checkpoint.policy import SavePolicy
 from so8t.checkpoint.retention import Retention
-from so8t.checkpoint.state import capture_rng, flatten_state, restore_rng, tensor_bytes, unflatten_state
+from so8t.checkpoint.state import flatten_state, tensor_bytes, unflatten_state
 from so8t.checkpoint.store import (
     LATEST_FILE,
     MANIFEST_FILE,
@@ -88,6 +88,7 @@ class CheckpointService:
         shape_keys: Iterable[str] = DEFAULT_SHAPE_KEYS,
         world_size: int | None = None,
         fence: Callable[[], None] | None = None,
+        ranks: Any = None,
     ) -> None:
         """
         ``cfg``: a ``CheckpointConfig``-like object (attribute access). ``parts``: name →
@@ -107,7 +108,11 @@ class CheckpointService:
         self.parts = dict(parts)
         self.extra_state = extra_state
         self.shape_keys = tuple(shape_keys)
-        self.world_size = world_size if world_size is not None else _world_size()
+        # Distributed hook: who writes, and how RNG states are handed over (so8t.distributed).
+        from so8t.distributed import RankParts
+
+        self.ranks = ranks if ranks is not None else RankParts()
+        self.world_size = world_size if world_size is not None else self.ranks.world_size
         self.store = CheckpointStore(self.run_dir / "checkpoints", fence=fence)
         self.policy = SavePolicy(cfg.policy, cfg.every_seconds, cfg.every_steps, clock=clock)
         self.retention = Retention(cfg.keep_last, cfg.keep_every_steps)
@@ -150,7 +155,8 @@ class CheckpointService:
         nothing to resume from would only lose more work.
         """
         self._settle(block=False)
-        reason = self.policy.due(step) or self._retry_reason
+        # Distributed hook: rank 0 decides (a time cadence reads each rank's own clock).
+        reason = self.ranks.agree_reason(self.policy.due(step) or self._retry_reason)
         path = None
         if reason is not None:
             path = self._save(step, reason, background=self.writer is not None, strict=False)
@@ -197,6 +203,13 @@ class CheckpointService:
         # then includes the previous checkpoint.
         self._settle(block=True)
         self.policy.mark_saved(step)
+        if not self.ranks.is_writer:  # distributed hook: hand this rank's part to rank 0, which writes
+            self.ranks.capture_rng()
+            path = self.store.root / checkpoint_name(step)
+            if strict:
+                self.ranks.report_commit(None)  # waits for rank 0's commit; raises if it failed
+                self.last_saved = SavedCheckpoint(step=step, path=path, reason=reason, size_bytes=0)
+            return path
 
         tensors, skeleton = self._snapshot()
         needed = int(SPACE_MARGIN * max(self._previous_size(), tensor_bytes(tensors)))
@@ -231,9 +244,12 @@ class CheckpointService:
             self._failed(step, reason, f"Checkpoint at step {step} ({reason}) FAILED: {exc}. The temporary "
                                        "folder was removed and older checkpoints are intact")
             if strict:
+                self.ranks.report_commit(str(exc))  # distributed hook: the other ranks fail too
                 raise CheckpointError(f"could not save the {reason} checkpoint at step {step}: {exc}") from exc
             return None
         self._committed(step)
+        if strict:
+            self.ranks.report_commit(None)  # distributed hook: the group leaves the save together
         return path
 
     def _settle(self, *, block: bool) -> BaseException | None:
@@ -306,7 +322,7 @@ class CheckpointService:
         """
         state = {
             "parts": {name: part.state_dict() for name, part in self.parts.items()},
-            "rng": capture_rng(),
+            "rng": self.ranks.capture_rng(),  # distributed hook: every rank's states, gathered
             "extra": self.extra_state() if self.extra_state is not None else None,
         }
         tensors, skeleton = flatten_state(state, reuse=self._snapshot_buffers)
@@ -437,6 +453,19 @@ class CheckpointService:
 
     def _restore(self, path: Path, loaded: tuple, rejected: list[tuple[Path, list[str]]], identity: dict) -> ResumeResult:
         tensors, skeleton, manifest = loaded
+        saved_world = manifest.get("world_size") or 1
+        saved_world = saved_world if isinstance(saved_world, int) else 1
+        if saved_world != self.world_size:  # distributed hook: data shards and RNG streams are per rank
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by a group of {saved_world} process(es) "
+                f"(world_size={saved_world}) and this run has {self.world_size}. Each rank's prompts and "
+                "random streams belong to the world size, so the run continues only with the same one: "
+                + (f"launch it with `torchrun --nproc_per_node={saved_world} -m so8t.train …` (or nnodes x "
+                   f"nproc_per_node = {saved_world})" if saved_world > 1 else
+                   "launch it as one process (`so8t-train …`, or torchrun --nproc_per_node=1)")
+                + ". A run at another world size is another run: give it its own run_name "
+                "(or move this run's checkpoints away)."
+            )
 
         saved_identity = manifest.get("config_identity") or {}
         if not isinstance(saved_identity, dict):  # verify() refuses it; a hand-made call might not
@@ -480,7 +509,7 @@ class CheckpointService:
                 raise CheckpointError(f"cannot restore part {name!r} from {path}: {exc}") from exc
         try:
             # Last, so nothing done while loading can advance the restored generators.
-            restore_rng(saved_rng)
+            self.ranks.restore_rng(saved_rng)  # distributed hook: each rank takes its own states
         except Exception as exc:
             raise CheckpointError(f"cannot restore the RNG state from {path}: {exc!r}") from exc
 
@@ -612,13 +641,3 @@ def _free_bytes(path: Path) -> float:
     except OSError:
         return float("inf")  # cannot tell: let the write itself find out
 
-
-def _world_size() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-    except Exception:  # a broken distributed setup is not the checkpoint's business
-        pass
-    return 1

@@ -180,6 +180,10 @@ class HardwareConfig:
     rollout_micro_batch_size: Optional[int] = None
     # Compute the layers below the first adapter once per rollout (cannot change results).
     frozen_prefix_reuse: bool = True
+    # torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on CPU), nccl or gloo.
+    distributed_backend: str = "auto"
+    # Seconds a collective may wait for the other ranks before failing with an error.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass

@@ -157,6 +157,8 @@ def _check_hardware(cfg: DictConfig, problems: list[str]) -> None:
     _positive(cfg, "hardware.memory_budget_gb", problems)
     _one_of(cfg, "hardware.memory_check", ("error", "warn", "off"), problems)
     _positive(cfg, "hardware.rollout_micro_batch_size", problems)
+    _one_of(cfg, "hardware.distributed_backend", ("auto", "nccl", "gloo"), problems)
+    _positive(cfg, "hardware.collective_timeout_s", problems)
 
 
 def _check_checkpoint(cfg: DictConfig, problems: list[str]) -> None:

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean over the masked entries. ``total`` turns a local sum into the sum over every rank
+    of a process group (so8t.distributed.Group.sum); only with ``dim=None``."""
     mask = mask.to(values.dtype)
+    if dim is None and total is not None:
+        # One collective for both sums.
+        sums = total(torch.stack([(values * mask).sum(), mask.sum()]))
+        return sums[0] / sums[1].clamp(min=1)
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance over the masked entries (and zero mean if ``shift_mean``)."""
-    mean = masked_mean(values, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Normalise to unit variance over the masked entries (and zero mean if ``shift_mean``).
+    ``total``: as for :func:`masked_mean`, for the statistics of the whole group's batch."""
+    if total is None:
+        mean = masked_mean(values, mask)
+        count = mask.sum().clamp(min=2)
+    else:
+        sums = total(torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)]))
+        mean, count = sums[0] / sums[1].clamp(min=1), sums[1].clamp(min=2)
     centred = values - mean
-    count = mask.sum().clamp(min=2)
     # Unbiased variance, as in the PPO-for-LM reference implementations.
-    var = ((centred**2) * mask).sum() / (count - 1)
+    var = (total or (lambda t: t))(((centred**2) * mask).sum()) / (count - 1)
     whitened = centred * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -116,7 +116,9 @@ class PPOTrainer:
         samples_per_step: int = 4,
         rollout_micro_batch_size: int | None = None,
         frozen_prefix_reuse: bool = True,
+        group=None,
     ) -> None:
+        from so8t.distributed import Group
         from so8t.model.stops import stop_token_ids
 
         self.policy = policy
@@ -129,7 +131,11 @@ class PPOTrainer:
         self.lr_scheduler = lr_scheduler
         self.kl_controller = kl_controller
         self.gate_schedule = gate_schedule
-        self.micro_batch_size = micro_batch_size or ppo_cfg.mini_batch_size
+        # Distributed hook (so8t.distributed): the batch sizes are global; this rank holds its
+        # share of every rollout and mini-batch, and global figures come from ``self.group``.
+        self.group = group or Group()
+        self.local_mini_batch_size = ppo_cfg.mini_batch_size // self.group.world_size
+        self.micro_batch_size = micro_batch_size or self.local_mini_batch_size
         self.device = torch.device(device)
         # Rows per chunk of the no-grad passes (None: the whole rollout batch at once).
         self.rollout_micro_batch_size = rollout_micro_batch_size
@@ -207,8 +213,8 @@ class PPOTrainer:
         """The first PPO epoch's micro-batches, in order: mini-batches of ``order``, each cut
         into micro-batches (the grouping of :meth:`ppo_epoch`)."""
         groups = []
-        for start in range(0, len(order), self.cfg.mini_batch_size):
-            mini = order[start : start + self.cfg.mini_batch_size]
+        for start in range(0, len(order), self.local_mini_batch_size):
+            mini = order[start : start + self.local_mini_batch_size]
             groups += [mini[i : i + self.micro_batch_size] for i in range(0, len(mini), self.micro_batch_size)]
         return groups
 
@@ -292,27 +298,41 @@ class PPOTrainer:
             messages=[p.chat() for p in batch],
         )
         raw = torch.tensor(reward.total, dtype=torch.float32, device=self.device)
-        total = self.reward_normalizer(raw) if self.reward_normalizer is not None else raw
+        total = raw
+        if self.reward_normalizer is not None and not getattr(self.reward_normalizer, "enabled", True):
+            total = self.reward_normalizer(raw)  # clipping only: no statistics to share
+        elif self.reward_normalizer is not None:
+            # Normalised by the statistics of the global batch, the same on every rank.
+            everyone = self.reward_normalizer(self.group.gather_rows(raw))
+            n = raw.shape[0]
+            total = everyone[self.group.rank * n : (self.group.rank + 1) * n]
         scores = total - cfg.missing_eos_penalty * (~rollout.ended_with_stop).float()
 
         mask = rollout.response_mask.float()
         rewards, kl = token_rewards(scores, rollout.logprobs, ref_logprobs, mask, self.kl_controller.value)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, total=self.group.sum)
 
+        # The logged figures are the global batch's (one gather of per-episode numbers).
+        episodes = self.group.gather_rows(torch.stack(
+            [raw, scores, kl.sum(1), mask.sum(1), rollout.ended_with_stop.float()], 1))
+        raw_all, scores_all, kl_all, length_all, ended_all = episodes.unbind(1)
         stats = {
-            "reward/mean": float(raw.mean()),
-            "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
-            "score/mean": float(scores.mean()),
-            "kl/mean": float(kl.sum(1).mean()),
+            "reward/mean": float(raw_all.mean()),
+            "reward/std": float(raw_all.std()) if raw_all.numel() > 1 else 0.0,
+            "score/mean": float(scores_all.mean()),
+            "kl/mean": float(kl_all.mean()),
             "kl/coef": float(self.kl_controller.value),
-            "response/length": float(mask.sum(1).mean()),
-            "response/eos_rate": float(rollout.ended_with_stop.float().mean()),
-            "value/explained_variance": explained_variance(rollout.values, returns, mask),
+            "response/length": float(length_all.mean()),
+            "response/eos_rate": float(ended_all.mean()),
+            "value/explained_variance": explained_variance(rollout.values, returns, mask, group=self.group),
+            "episodes/step": int(raw_all.numel()),
+            "tokens/step": int(length_all.sum()),
             **times,
         }
-        for name, mean in reward.means().items():
+        term_means = reward.means() if not self.group.enabled else _global_term_means(reward, self.group)
+        for name, mean in term_means.items():
             if mean is not None:  # a term that scored nothing (None everywhere) is not logged
                 stats[f"reward/{name}"] = mean
         samples = [
@@ -357,9 +377,12 @@ class PPOTrainer:
         n = scored.rollout.response_ids.shape[0]
         order = order if order is not None else torch.randperm(n, device=self.device)
         scaler = self.grad_scaler
-        for start in range(0, n, cfg.mini_batch_size):
-            mini = order[start : start + cfg.mini_batch_size]
-            tokens_in_mini = float(scored.rollout.response_mask[mini].sum().clamp(min=1))
+        minis = [order[start : start + self.local_mini_batch_size] for start in range(0, n, self.local_mini_batch_size)]
+        # Each global mini-batch's token count (one collective for the epoch): the ranks'
+        # losses, weighted by it, add up to the global mini-batch's loss.
+        mini_tokens = self.group.sum(torch.stack([scored.rollout.response_mask[mini].sum() for mini in minis]))
+        for mini, tokens_of_mini in zip(minis, mini_tokens):
+            tokens_in_mini = float(tokens_of_mini.clamp(min=1))
             self.optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
             clip, approx_kl = [], []
@@ -376,6 +399,9 @@ class PPOTrainer:
                 approx_kl.append(float(parts.approx_kl))
                 kl_sum += float(parts.approx_kl) * tokens
                 max_dev = max(max_dev, float(parts.ratio_max_dev))
+            # Distributed hook: every rank steps with the gradient of the global mini-batch
+            # (the logged figures are made global once per update, in global_ppo_stats).
+            self.group.sum_gradients(self.policy.trainable_parameters())
             if "ppo/ratio_max_dev_start" not in stats:
                 # The first mini-batch of the first epoch: before any step, so the ratio is
                 # 1 wherever the old log-probs came from the training forward itself.
@@ -395,6 +421,27 @@ class PPOTrainer:
             stats.setdefault("approx_kl", []).append(sum(approx_kl) / len(approx_kl))
             stats.setdefault("grad_norm", []).append(float(grad_norm))
 
+    def global_ppo_stats(self, stats: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The PPO epochs' logged figures over every rank's share (one collective per update):
+        losses, entropy and the start KL add up (each rank's part is weighted by the global
+        token count), the per-rank fractions average, the ratio's largest deviation is the
+        largest anywhere; the gradient norm is the same on every rank already."""
+        if not self.group.enabled:
+            return stats
+        summed = [k for k in ("loss", "policy_loss", "value_loss", "entropy", "ppo/approx_kl_start") if k in stats]
+        averaged = [k for k in ("clip_fraction", "approx_kl") if k in stats]
+        keys = summed + averaged
+        flat = self.group.sum_floats([v for k in keys for v in stats[k]])
+        out, at = dict(stats), 0
+        for key in keys:
+            n = len(stats[key])
+            scale = 1.0 if key in summed else 1.0 / self.group.world_size
+            out[key] = [v * scale for v in flat[at : at + n]]
+            at += n
+        if "ppo/ratio_max_dev_start" in stats:
+            out["ppo/ratio_max_dev_start"] = [self.group.max_float(stats["ppo/ratio_max_dev_start"][0])]
+        return out
+
     def train_step(self, on_epoch: Callable[[int], None] | None = None) -> dict:
         """One PPO update. Returns the metrics row for this step (phase times included)."""
         started = time.perf_counter()
@@ -409,14 +456,15 @@ class PPOTrainer:
             if on_epoch is not None:
                 on_epoch(epoch)
         self.policy.eval()
+        stats = self.global_ppo_stats(stats)
         ppo_time = time.perf_counter() - ppo_began
         lr = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler.step()
-        self.kl_controller.update(scored.stats["kl/mean"], scored.rollout.response_ids.shape[0])
+        self.kl_controller.update(scored.stats["kl/mean"], scored.stats["episodes/step"])
 
         self.counters.step += 1
-        self.counters.episodes += scored.rollout.response_ids.shape[0]
-        self.counters.tokens += int(scored.rollout.response_mask.sum())
+        self.counters.episodes += scored.stats.pop("episodes/step")  # the group's, counted once
+        self.counters.tokens += scored.stats.pop("tokens/step")
         step_time = time.perf_counter() - started
         self.counters.training_time += step_time
 
@@ -439,14 +487,37 @@ class PPOTrainer:
         return row
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group=None) -> float:
     """1 - Var(returns - values) / Var(returns) over real tokens: 1 when the value head
-    predicts the returns, 0 when it predicts no better than their mean, < 0 when worse."""
+    predicts the returns, 0 when it predicts no better than their mean, < 0 when worse.
+    ``group``: a so8t.distributed.Group whose ranks' tokens all count (from their moments,
+    summed in one collective)."""
     from so8t.ppo.advantages import masked_mean
 
+    if group is not None and group.enabled:
+        error = returns - values
+        mask = mask.to(returns.dtype)
+        n, r1, r2, e1, e2 = group.sum_floats([float(x) for x in (
+            mask.sum(), (returns * mask).sum(), (returns**2 * mask).sum(), (error * mask).sum(),
+            (error**2 * mask).sum())])
+        n = max(n, 1.0)
+        var_returns, var_error = r2 / n - (r1 / n) ** 2, e2 / n - (e1 / n) ** 2
+        return 0.0 if var_returns <= 0.0 else float(1.0 - var_error / var_returns)
     var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     error = returns - values
     var_error = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
     if float(var_returns) == 0.0:
         return 0.0
     return float(1.0 - var_error / var_returns)
+
+
+def _global_term_means(reward, group) -> dict[str, float | None]:
+    """Each reward term's mean over the episodes it scored on every rank."""
+    names = list(reward.per_term)
+    flat = []
+    for name in names:
+        scored = [s for s in reward.per_term[name] if s is not None]
+        flat += [sum(scored), len(scored)]
+    flat = group.sum_floats(flat)
+    return {n: (flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else None) for i, n in enumerate(names)}
+

@@ -1,0 +1,222 @@
+"""Data-parallel scaling: 2 ranks x 1 thread against 1 rank x 1 thread, on the same global batch.
+
+    python benchmarks/ddp_scaling.py [--rounds 3] [--steps 12] [--batch 64] [--no-write-results]
+
+Both sides run SO8T's own trainer and checkpoint service on the embedded tiny model, with the
+same config (``ppo.rollout_batch_size`` and ``ppo.mini_batch_size`` are global, so both sides do
+the same work per update), one checkpoint per update (``checkpoint=step every_steps=1``,
+background writes): the 1-rank side as a plain process, the 2-rank side under the real
+launcher (``python -m torch.distributed.run --standalone --nproc_per_node 2``, gloo). The sides
+alternate for ``--rounds`` rounds, each a fresh launch; after 2 warm-up updates each worker
+times ``--steps`` updates and, after each, the checkpoint cadence's call (``maybe_save``):
+
+* episodes/s: global episodes / (wall time of the timed updates + their checkpoint stalls) —
+  target: 2 ranks >= 1.7x one rank on 2 cores;
+* checkpoint stall: how long ``maybe_save`` keeps the training thread (the slowest rank's:
+  the group waits for it at the next collective) — the 2-rank side agrees on the save,
+  gathers both ranks' RNG states to rank 0 and snapshots there; target <= 1.2x one rank's.
+
+Results go to the ``## Data-parallel scaling`` section of benchmarks/RESULTS.md (replaced in
+place; other sections are left alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Data-parallel scaling"
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"medium": "a random Phi-3 (hidden 256, 4 layers, intermediate 512; EOS unreachable, so every "
+                     "response has the full length)", "tiny": "the embedded tiny model"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def overrides(batch: int, model_dir: str | None) -> list[str]:
+    model = ["model=local", f"model.path={model_dir}"] if model_dir else []
+    return [*model, "hardware.num_threads=1", f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={batch // 4}",
+            "ppo.ppo_epochs=2", "checkpoint=step", "checkpoint.every_steps=1", "checkpoint.keep_last=2"]
+
+
+# ---------------------------------------------------------------------- worker
+
+
+def worker(args) -> None:
+    """One side: build the run as so8t.train does, time updates and checkpoint stalls."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from so8t.build import build_components
+    from so8t.checkpoint import CheckpointService
+    from so8t.config import CONF_DIR, register
+    from so8t.config.identity import config_identity
+    from so8t.distributed import RankParts, join_group
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides(args.batch, args.model_dir))
+    group = join_group(cfg.hardware)
+    trainer = build_components(cfg, group).trainer
+    service = CheckpointService(Path(args.run_dir), cfg.checkpoint, trainer.stateful_parts(), config_identity(cfg),
+                                ranks=RankParts(group))
+    service.resume("never")
+    for _ in range(2):  # warm-up: first-call costs, snapshot buffers allocated
+        trainer.train_step()
+        service.maybe_save(trainer.counters.step)
+    group.barrier()
+    steps, stalls = [], []
+    began, cpu_began = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        trainer.train_step()
+        # Both ranks start the save together, so the stall is the checkpoint's cost and not
+        # the wait for a slower rank (which the next update's collectives would pay anyway).
+        group.barrier()
+        t1 = time.perf_counter()
+        service.maybe_save(trainer.counters.step)
+        stalls.append(time.perf_counter() - t1)
+        steps.append(t1 - t0)
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+    service.close()
+    # The slowest rank's figures are the group's.
+    worst = group.gather_to_main({"wall": wall, "cpu": cpu, "stall": statistics.median(stalls),
+                                  "step": statistics.median(steps)})
+    if group.is_main:
+        assert worst is not None  # rank 0 holds every rank's figures
+        print("BENCH_RESULT " + json.dumps({
+            "world_size": group.world_size,
+            "episodes": args.steps * cfg.ppo.rollout_batch_size,
+            "wall": max(w["wall"] for w in worst),
+            "stall": max(w["stall"] for w in worst),
+            "step": max(w["step"] for w in worst),
+            "cpu": sum(w["cpu"] for w in worst),  # CPU seconds of all ranks together
+            "torch": torch.__version__,
+        }), flush=True)
+
+
+# ---------------------------------------------------------------------- driver
+
+
+def launch(ranks: int, args, folder: Path) -> dict:
+    run_dir = tempfile.mkdtemp(prefix=f"ddp{ranks}-", dir=folder)
+    head = TORCHRUN if ranks > 1 else [sys.executable]
+    cmd = [*head, str(Path(__file__).resolve()), "--worker", "--run-dir", run_dir,
+           "--steps", str(args.steps), "--batch", str(args.batch)]
+    if args.model_dir:
+        cmd += ["--model-dir", args.model_dir]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    raise RuntimeError(f"{ranks}-rank worker failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def load_average() -> str:
+    try:
+        return "%.2f" % os.getloadavg()[0]
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="launches of each side (medians)")
+    parser.add_argument("--steps", type=int, default=12, help="timed updates per launch")
+    parser.add_argument("--batch", type=int, default=64, help="global rollout batch (mini-batch: a quarter)")
+    parser.add_argument("--no-write-results", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--model", choices=("medium", "tiny"), default="medium",
+                        help="medium: a random Phi-3 of hidden 256, 4 layers (ppo_throughput.py's medium); "
+                             "tiny: the embedded tiny model, whose updates are bound by per-call overhead")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    started, loads = time.monotonic(), []
+    results: dict[int, list[dict]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as folder:
+        if args.model == "medium":
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from ppo_throughput import build_model_dir
+
+            args.model_dir = str(Path(folder) / "model")
+            build_model_dir("medium", Path(args.model_dir))
+        for round_index in range(args.rounds):
+            order = (1, 2) if round_index % 2 == 0 else (2, 1)  # alternate, so drift hits both
+            for ranks in order:
+                loads.append(load_average())
+                results[ranks].append(launch(ranks, args, Path(folder)))
+                r = results[ranks][-1]
+                print(f"round {round_index + 1}: {ranks} rank(s): {r['episodes'] / r['wall']:.1f} episodes/s, "
+                      f"stall {1000 * r['stall']:.2f} ms", flush=True)
+
+    def med(ranks: int, key) -> float:
+        return statistics.median(key(r) for r in results[ranks])
+
+    eps = {n: med(n, lambda r: r["episodes"] / r["wall"]) for n in (1, 2)}
+    stall = {n: med(n, lambda r: r["stall"]) for n in (1, 2)}
+    step = {n: med(n, lambda r: r["step"]) for n in (1, 2)}
+    per_cpu = {n: med(n, lambda r: r["episodes"] / r["cpu"]) for n in (1, 2)}
+    efficiency = per_cpu[2] / per_cpu[1]
+    speedup, stall_ratio = eps[2] / eps[1], stall[2] / stall[1]
+    per_round = {n: ", ".join(f"{r['episodes'] / r['wall']:.1f}" for r in results[n]) for n in (1, 2)}
+    cmd = "python benchmarks/ddp_scaling.py" + (f" --model {args.model}" if args.model != "medium" else "") + (f" --rounds {args.rounds}" if args.rounds != 3 else "") + (
+        f" --steps {args.steps}" if args.steps != 12 else "") + (f" --batch {args.batch}" if args.batch != 64 else "")
+    lines = [
+        SECTION,
+        "",
+        f"`{cmd}` — {dt.date.today().isoformat()}, {time.monotonic() - started:.0f} s wall.",
+        "",
+        f"- Machine: {platform.platform()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
+        f"torch {results[1][0]['torch']}; 1-minute load average before each launch: {', '.join(loads)}.",
+        f"- Work: {MODELS[args.model]} with SO(8) adapters, global rollout batch {args.batch}, mini-batch "
+        f"{args.batch // 4}, 2 PPO epochs, 12 new tokens; one checkpoint per update (background write). "
+        f"Medians over {args.rounds} launches per side (alternating), {args.steps} timed updates each "
+        "after 2 warm-up updates.",
+        "- 2 ranks: `torchrun --standalone --nproc_per_node 2`, gloo, 1 torch thread per rank; each rank samples "
+        "and trains on half of every global batch; gradients and statistics are summed over the ranks.",
+        "",
+        "- episodes/CPU-s divides by the CPU time of all ranks together: their ratio (the parallel "
+        "efficiency) shows what data parallelism costs in work, whatever share of the cores the ranks got; "
+        "the episodes/s ratio is bounded by the cores the two ranks really had (see the load average).",
+        "",
+        "| side | episodes/s | episodes/CPU-s | update (median) | checkpoint stall (median) | episodes/s per launch |",
+        "|---|---:|---:|---:|---:|---|",
+        f"| 1 rank x 1 thread | {eps[1]:.1f} | {per_cpu[1]:.1f} | {1000 * step[1]:.0f} ms | {1000 * stall[1]:.2f} ms "
+        f"| {per_round[1]} |",
+        f"| 2 ranks x 1 thread | {eps[2]:.1f} | {per_cpu[2]:.1f} | {1000 * step[2]:.0f} ms | {1000 * stall[2]:.2f} ms "
+        f"| {per_round[2]} |",
+        "",
+        "| ratio (2 ranks / 1 rank) | value | target | met |",
+        "|---|---:|---|---|",
+        f"| episodes/s | {speedup:.2f}x | >= 1.7x | {'yes' if speedup >= 1.7 else 'no'} |",
+        f"| episodes/CPU-s (parallel efficiency) | {efficiency:.2f}x | | |",
+        f"| checkpoint stall | {stall_ratio:.2f}x | <= 1.2x | {'yes' if stall_ratio <= 1.2 else 'no'} |",
+    ]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if not args.no_write_results:
+        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+        new = pattern.sub(lambda _m: text + "\n\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+        RESULTS.write_text(new.rstrip("\n") + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
