@@ -453,7 +453,7 @@ def resume_group(checkpoints, mode, identity, group: Group):
     if value is None:
         checkpoints.policy.mark_saved(0)
         return None
-    return checkpoints.resume(value, identity)
+    return checkpoints.resume_from(value, identity)
 
 
 # ---------------------------------------------------------------------- lifecycle

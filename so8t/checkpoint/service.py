@@ -451,6 +451,13 @@ class CheckpointService:
         path, loaded, rejected = found
         return self._restore(path, loaded, rejected, identity)
 
+    def resume_from(self, path: str | Path, new_identity: Mapping[str, Any] | None = None) -> ResumeResult:
+        """Restore exactly the checkpoint at ``path``, verified, with no fork semantics: for the
+        ranks of a group, which load the checkpoint rank 0 chose for the whole group."""
+        identity = dict(self.config_identity if new_identity is None else new_identity)
+        found_path, loaded, rejected = _find_explicit(Path(path))
+        return self._restore(found_path, loaded, rejected, identity)
+
     def _restore(self, path: Path, loaded: tuple, rejected: list[tuple[Path, list[str]]], identity: dict) -> ResumeResult:
         tensors, skeleton, manifest = loaded
         saved_world = manifest.get("world_size") or 1
