@@ -30,7 +30,7 @@ CONFIGS: dict[str, dict] = {
                  adapter_layers=[-3, -2, -1]),
 }
 
-# Settings both sides share (DESIGN §8's tiny-model PPO settings).
+# Settings both sides share (PPO settings under which the tiny model learns).
 LEARNING_RATE = 1e-3
 KL_COEF = 0.05
 CLIP_RANGE = 0.2
