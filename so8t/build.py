@@ -121,7 +121,7 @@ def build_components(cfg) -> Components:
         # Always a checkpointed part (the identity when off), so switching it on or off on a
         # resume finds the state it expects.
         reward_normalizer=RewardNormalizer(cfg.reward.normalize, cfg.reward.clip),
-        samples_per_step=cfg.logger.samples_per_step,
+        samples_per_step=cfg.output.samples_per_step,
     )
     n_trainable = sum(p.numel() for p in policy.trainable_parameters())
     log.info("policy: %d trainable parameters (adapter %s + value head); %d prompts; stop token ids %s%s",

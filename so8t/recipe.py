@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +29,6 @@ def run_dir_of_job() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir)
-
-
-def _postfix(row: dict) -> dict:
-    return {
-        "reward": f"{row['reward/mean']:.3f}",
-        "loss": f"{row['loss/total']:.3f}",
-        "kl": f"{row['kl/mean']:.4f}",
-        "s/step": f"{row['time/step']:.2f}",
-    }
 
 
 def _process_started() -> float:
@@ -113,7 +102,6 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
 
     started = _process_started()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
-    logging.getLogger("so8t").setLevel(cfg.logger.level)
     lock = RunLock(run_dir)
     try:
         lock.acquire()
@@ -165,7 +153,10 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
     from so8t.build import build_components
     from so8t.checkpoint import CheckpointService
     from so8t.config.identity import config_identity
+    from so8t.errors import SetupError
     from so8t.run.metrics import MetricsWriter
+    from so8t.run.console import run_summary
+    from so8t.run.trackers import open_trackers
 
     log.info("run dir: %s", run_dir.resolve())
     components = build_components(cfg)
@@ -195,11 +186,16 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
         return EXIT_OK
 
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
-    metrics = MetricsWriter(run_dir / cfg.logger.metrics_file)
-    samples = MetricsWriter(run_dir / cfg.logger.samples_file)
+    try:
+        trackers = open_trackers(cfg, run_dir, session, step)
+    except SetupError:
+        checkpoints.close()
+        session.end_attempt("failed", "refused", EXIT_REFUSED)
+        raise
+    samples = MetricsWriter(run_dir / cfg.output.samples_file)
     status, reason, code = "failed", "exception", EXIT_FAILED
     try:
-        status, reason, code = _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline)
+        status, reason, code = _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline)
         if status == "completed":
             if cfg.checkpoint.save_on_end:
                 if _already_saved(checkpoints, trainer.counters.step):
@@ -207,11 +203,11 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
                 else:
                     _save(checkpoints, session, trainer, "end", deadline)
             _export_final(cfg, components, run_dir)
-            log.info("done: %d updates, %.1f s of training", trainer.counters.step,
-                     trainer.counters.training_time)
+        log.info("%s", run_summary(run_dir, status, trainer.counters.step, cfg.max_steps, step,
+                                   trainer.counters.training_time, cfg.output.metrics_file))
         return code
     finally:
-        metrics.close()
+        trackers.close(status)
         samples.close()
         try:
             checkpoints.close()
@@ -247,51 +243,41 @@ def _record_progress(session, trainer, checkpoints) -> None:
 
 def _write_samples(cfg, trainer, samples) -> None:
     """A few episodes of this update, raw text included, at the first update and every
-    ``logger.samples_every`` updates: where a user checks what the model was given and said."""
-    step, every = trainer.counters.step, cfg.logger.samples_every
+    ``output.samples_every`` updates: where a user checks what the model was given and said."""
+    step, every = trainer.counters.step, cfg.output.samples_every
     if every and (step == 1 or step % every == 0):
         for sample in trainer.samples:
             samples.write({"step": step, **sample})
 
 
-def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
+def _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
     """PPO updates until max_steps, a stop signal or the deadline; returns (status, reason, code)."""
-    show = cfg.logger.progress_bars
-    with logging_redirect_tqdm():
-        steps = tqdm(total=cfg.max_steps, initial=trainer.counters.step, desc="updates", unit="update",
-                     disable=not show, dynamic_ncols=True)
-        epochs = tqdm(total=cfg.ppo.ppo_epochs, desc="ppo epochs", unit="epoch", leave=False,
-                      disable=not show, dynamic_ncols=True)
-        try:
-            while trainer.counters.step < cfg.max_steps:
-                if stop.requested:
-                    break
-                if deadline.next_step_would_overrun():
-                    log.warning("stopping before max_wall_seconds=%s: the next update and a save might not fit",
-                                cfg.max_wall_seconds)
-                    _save(checkpoints, session, trainer, "deadline", deadline)
-                    return "interrupted", "deadline", EXIT_DEADLINE
-                epochs.reset()
-                row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
-                deadline.observe_step(row["time/step"])
-                metrics.write(row)
-                _write_samples(cfg, trainer, samples)
-                steps.set_postfix(_postfix(row), refresh=False)
-                steps.update(1)
-                log.info(
-                    "step %d: reward %.3f loss %.4f kl %.4f entropy %.3f clip %.3f (%.2fs)",
-                    row["step"], row["reward/mean"], row["loss/total"], row["kl/mean"], row["entropy"],
-                    row["clip_fraction"], row["time/step"],
-                )
-                if stop.requested:
-                    break
-                began = time.monotonic()
-                if checkpoints.maybe_save(trainer.counters.step) is not None:
-                    deadline.observe_save(time.monotonic() - began)
-                _record_progress(session, trainer, checkpoints)
-        finally:
-            epochs.close()
-            steps.close()
+    from so8t.run.console import bar_postfix, log_update, progress_bars
+
+    with progress_bars(cfg.output.progress_bars, cfg.max_steps, trainer.counters.step, cfg.ppo.ppo_epochs) as (
+            steps, epochs):
+        while trainer.counters.step < cfg.max_steps:
+            if stop.requested:
+                break
+            if deadline.next_step_would_overrun():
+                log.warning("stopping before max_wall_seconds=%s: the next update and a save might not fit",
+                            cfg.max_wall_seconds)
+                _save(checkpoints, session, trainer, "deadline", deadline)
+                return "interrupted", "deadline", EXIT_DEADLINE
+            epochs.reset()
+            row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
+            deadline.observe_step(row["time/step"])
+            trackers.log(row)
+            _write_samples(cfg, trainer, samples)
+            steps.set_postfix(bar_postfix(row), refresh=False)
+            steps.update(1)
+            log_update(row)
+            if stop.requested:
+                break
+            began = time.monotonic()
+            if checkpoints.maybe_save(trainer.counters.step) is not None:
+                deadline.observe_save(time.monotonic() - began)
+            _record_progress(session, trainer, checkpoints)
     if stop.requested:
         log.warning("stop requested by %s: saving at step %d, then exiting with code %d "
                     "(a second Ctrl+C aborts at once)", stop.name, trainer.counters.step, stop.exit_code)

@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from so8t.config import CONF_DIR, register
+from so8t.config import CONF_PACKAGE, register
 from so8t.config.validate import ConfigValidationError, validate
 
 log = logging.getLogger("so8t.train")
@@ -21,7 +21,7 @@ log = logging.getLogger("so8t.train")
 register()
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+@hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="train", version_base="1.3")
 def _run(cfg: DictConfig) -> float:
     """One run (or one job of a ``-m`` sweep); returns the objective, the final mean reward."""
     from so8t.recipe import EXIT_REFUSED, run_dir_of_job
@@ -34,7 +34,7 @@ def _run(cfg: DictConfig) -> float:
         return job_result(EXIT_REFUSED, run_dir_of_job())
     from so8t.recipe import run_training
 
-    return job_result(run_training(cfg), run_dir_of_job(), cfg.logger.metrics_file)
+    return job_result(run_training(cfg), run_dir_of_job(), cfg.output.metrics_file, cfg.optimized_metric)
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ def _env() -> dict[str, str]:
 
 
 def _argv(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "so8t.train", "logger.progress_bars=false", *overrides]
+    return [sys.executable, "-m", "so8t.train", "output.progress_bars=false", *overrides]
 
 
 def train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:

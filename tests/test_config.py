@@ -25,7 +25,7 @@ def _options(group: str) -> list[str]:
 
 GROUP_OPTIONS = [
     (group, option)
-    for group in ("model", "adapter", "ppo", "reward", "data", "checkpoint", "hardware", "logger", "paths", "debug")
+    for group in ("model", "adapter", "ppo", "reward", "data", "checkpoint", "hardware", "output", "logger", "paths", "debug")
     for option in _options(group)
 ]
 # Options that need a value the user must supply before they validate.
@@ -126,7 +126,7 @@ def test_run_name_ignores_order_and_result_neutral_keys():
     b = name_from_overrides(["ppo.optimizer.learning_rate=1e-5", "checkpoint.every_seconds=5", "seed=2"])
     assert a == b == "ppo.optimizer.learning_rate=1e-5,seed=2"
     assert name_from_overrides([]) == "default"
-    assert name_from_overrides(["max_steps=3", "logger.level=DEBUG", "checkpoint=time"]) == "default"
+    assert name_from_overrides(["max_steps=3", "output.samples_every=3", "checkpoint=time"]) == "default"
 
 
 def test_run_names_are_file_system_safe_and_hashed_when_long():
@@ -139,7 +139,7 @@ def test_run_names_are_file_system_safe_and_hashed_when_long():
 
 
 def test_neutral_keys_cover_hardware_logging_cadence_and_length():
-    for key in ("hardware", "hardware.num_threads", "logger.level", "checkpoint.every_steps", "max_steps", "+max_steps"):
+    for key in ("hardware", "hardware.num_threads", "output.samples_every", "logger.backends", "checkpoint.every_steps", "max_steps", "+max_steps"):
         assert is_neutral(key)
     for key in ("seed", "ppo.temperature", "model.path", "adapter.layers"):
         assert not is_neutral(key)
@@ -149,5 +149,5 @@ def test_identity_is_flat_and_excludes_neutral_keys():
     identity = config_identity(_compose())
     assert identity["model.source"] == "tiny"
     assert "ppo.optimizer.learning_rate" in identity
-    assert not any(k.startswith(("hardware", "checkpoint", "logger")) for k in identity)
+    assert not any(k.startswith(("hardware", "checkpoint", "output", "logger")) for k in identity)
     assert OmegaConf.is_config(_compose()) and "max_steps" not in identity

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["hardware=cpu", "hardware.dtype=bfloat16", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2",
-         "ppo.max_new_tokens=16", "logger.progress_bars=false", "run_name=phi"]
+         "ppo.max_new_tokens=16", "output.progress_bars=false", "run_name=phi"]
 
 
 def recording_reward(completions, prompts, messages, **kwargs):

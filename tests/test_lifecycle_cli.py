@@ -54,7 +54,7 @@ class Proc:
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "so8t.train", "logger.progress_bars=false", *overrides],
+            [sys.executable, "-m", "so8t.train", "output.progress_bars=false", *overrides],
             cwd=cwd, env=dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1"),
             stdout=self._out, stderr=subprocess.STDOUT,
         )
@@ -112,7 +112,7 @@ def cli(tmp_path):
 
 def run_dir_of(cwd: Path) -> Path:
     """The one run folder: overrides that do not change the result (max_steps, checkpoint.*,
-    max_wall_seconds, logger.*) must not change the folder, or a re-run would not resume."""
+    max_wall_seconds, output.*, logger.*) must not change the folder, or a re-run would not resume."""
     dirs = sorted(cwd.glob("outputs/*/runs/*"))
     assert len(dirs) == 1, dirs
     return dirs[0]

@@ -29,7 +29,7 @@ register()
 
 MAX_STEPS = 16
 SWEEP = ("seed=1,2", "ppo.clip_range=0.1,0.2")
-COMMON = ("logger.progress_bars=false", f"max_steps={MAX_STEPS}", "checkpoint.every_steps=2",
+COMMON = ("output.progress_bars=false", f"max_steps={MAX_STEPS}", "checkpoint.every_steps=2",
           "hardware.num_threads=1")
 SWEEP_DIR = Path("outputs/default/sweeps/ppo.clip_range=0.1,0.2,seed=1,2")
 JOBS = sorted(f"ppo.clip_range={c},seed={s}" for c in ("0.1", "0.2") for s in (1, 2))
@@ -189,7 +189,7 @@ def test_joblib_launcher_runs_two_jobs_side_by_side_and_a_failed_job_spares_the_
     # Four jobs, two at a time: the two with ppo.clip_range=-1 fail validation.
     proc = subprocess.run(
         _sweep_cmd("hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "sweep_name=par/allel",
-                   "logger.progress_bars=false", "max_steps=8", "hardware.num_threads=1",
+                   "output.progress_bars=false", "max_steps=8", "hardware.num_threads=1",
                    "ppo.clip_range=0.2,-1", "seed=3,4"),
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr

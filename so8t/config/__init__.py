@@ -5,6 +5,7 @@ Importing this module is cheap (no torch): config errors must be reported in sec
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,12 @@ from omegaconf import OmegaConf
 from so8t.config import schema
 from so8t.config.identity import name_from_overrides, safe_name
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+# conf/ and experiments/ are shipped as the packages so8t.conf and so8t.experiments (see
+# pyproject.toml), so they are found the same way in a wheel and in an editable install.
+CONF_PACKAGE = "so8t.conf"
+EXPERIMENTS_PACKAGE = "so8t.experiments"
+CONF_DIR = Path(str(resources.files(CONF_PACKAGE)))
+EXPERIMENTS_DIR = Path(str(resources.files(EXPERIMENTS_PACKAGE)))
 
 _registered = False
 

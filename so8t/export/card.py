@@ -77,7 +77,9 @@ def run_record(run_dir: Path | None) -> dict[str, Any]:
         cfg = OmegaConf.load(hydra_dir / "config.yaml")
         # run_name is computed by a resolver that only exists inside a Hydra job.
         cfg.run_name = run_dir.name
-        metrics_file = str(OmegaConf.select(cfg, "logger.metrics_file", default=metrics_file))
+        metrics_file = str(OmegaConf.select(cfg, "output.metrics_file", default=None)
+                           # runs written before the output group was split from logger
+                           or OmegaConf.select(cfg, "logger.metrics_file", default=metrics_file))
         try:
             record["config_yaml"] = OmegaConf.to_yaml(cfg, resolve=True)
         except Exception:  # another interpolation that needs Hydra: show it unresolved
