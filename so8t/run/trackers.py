@@ -11,9 +11,10 @@ After a resume the trainer redoes the updates since the checkpoint, so:
   logs, and every reader (TensorBoard, its ``EventAccumulator``) drops the older events from
   that step on. The event file is flushed after each update, so a ``kill -9`` loses none.
 * W&B and MLflow cannot drop logged points, so they are sent only the steps beyond the last one
-  they already hold: for MLflow the store is asked (exact), for W&B the last step
-  ``metrics.jsonl`` held when the attempt began is used (metrics.jsonl is written first, and
-  durably, so W&B never holds more). A redone step is bit-identical on CPU, so nothing is lost.
+  they already hold — MLflow's store is asked, W&B's local run files are read
+  (so8t.run.wandb_log) — and the steps up to the checkpoint that they lack (W&B writes its file
+  from a buffer, so a ``kill -9`` loses its last seconds) are sent again from metrics.jsonl,
+  which is written first and durably. A redone step is bit-identical on CPU, so the values agree.
 
 The W&B run id and the MLflow run id are kept in ``session.json`` (key ``trackers``), so every
 attempt of a run reports to the same tracker run (W&B with ``resume="allow"``).
@@ -76,9 +77,11 @@ class _TensorBoard:
 class _Wandb:
     name = "wandb"
 
-    def __init__(self, cfg, run_dir: Path, session, last_logged: int):
+    def __init__(self, cfg, run_dir: Path, session):
         import wandb
         from omegaconf import OmegaConf
+
+        from so8t.run.wandb_log import last_step
 
         ids = session.data.setdefault("trackers", {}).setdefault("wandb", {})
         if not ids.get("id"):
@@ -90,7 +93,6 @@ class _Wandb:
             from so8t.sweep import in_multirun
 
             group = Path(run_dir).parent.name if in_multirun() else None
-        self.last_logged = last_logged
         self.run = wandb.init(
             project=settings.project, entity=settings.entity, group=group, tags=list(settings.tags),
             name=str(cfg.run_name), id=ids["id"], resume="allow", dir=str(run_dir), mode=settings.mode,
@@ -98,6 +100,8 @@ class _Wandb:
             # so8t's own console and train.log stay as they are.
             settings=wandb.Settings(console="off", quiet=True),
         )
+        # What the server holds (online) or the local files of earlier attempts (any mode).
+        self.last_logged = max(last_step(run_dir / "wandb", ids["id"]), self.run.starting_step - 1)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if step > self.last_logged:
@@ -181,6 +185,13 @@ class _Mlflow:
         self.client.set_terminated(self.run_id, status=mlflow_status)
 
 
+def _catch_up(backend, rows: list[dict], start_step: int) -> None:
+    """Send ``backend`` the rows up to the checkpoint it lacks (see the module docstring)."""
+    for row in rows:
+        if backend.last_logged < row["step"] <= start_step:
+            backend.log(row["step"], _scalars(row))
+
+
 class Trackers:
     """Writes each metrics row to metrics.jsonl, then to every open tracker."""
 
@@ -215,7 +226,6 @@ def open_trackers(cfg, run_dir: Path, session, start_step: int) -> Trackers:
     run_dir = Path(run_dir)
     metrics_path = run_dir / cfg.output.metrics_file
     logged = read_metrics(metrics_path)
-    last_in_jsonl = logged[-1]["step"] if logged else 0
     trackers = Trackers(MetricsWriter(metrics_path), [])
     chosen = list(dict.fromkeys(cfg.logger.backends))
     for name in chosen:
@@ -223,9 +233,11 @@ def open_trackers(cfg, run_dir: Path, session, start_step: int) -> Trackers:
             if name == "tensorboard":
                 trackers.backends.append(_TensorBoard(cfg, run_dir, start_step + 1))
             elif name == "wandb":
-                trackers.backends.append(_Wandb(cfg, run_dir, session, last_in_jsonl))
+                trackers.backends.append(_Wandb(cfg, run_dir, session))
             elif name == "mlflow":
                 trackers.backends.append(_Mlflow(cfg, run_dir, session))
+            if name in ("wandb", "mlflow"):
+                _catch_up(trackers.backends[-1], logged, start_step)
         except Exception as exc:
             trackers.close("failed")
             raise SetupError(f"logger.backends: {name} could not start: {exc}") from exc
