@@ -82,6 +82,9 @@ def build_components(cfg) -> Components:
     from so8t.rewards import build_reward
     from so8t.rewards.normalize import RewardNormalizer
 
+    from so8t.run.console import library_bars
+
+    library_bars(cfg.output.progress_bars)
     device, dtype = configure_hardware(cfg.hardware)
     seed_everything(cfg.seed)
     policy, tokenizer = build_policy_and_tokenizer(cfg.model, cfg.adapter, device, dtype)

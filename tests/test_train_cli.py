@@ -56,7 +56,8 @@ def test_console_shows_events_and_summary_but_no_per_update_lines_or_bars_off_a_
     run_dir = (cwd / "outputs" / "default" / "runs" / "default").resolve()
     assert "step 1: reward" not in console and "step 60: reward" not in console
     assert "updates:" not in console and "ppo epochs:" not in console  # tqdm bars, off without a terminal
-    assert "starting fresh at step 0" in console and "checkpoint at step 60 (end)" in console
+    assert "starting fresh at step 0" in console and "Saved checkpoint step_00000060" in console
+    assert "Loading weights" not in console  # transformers' bars are off too
     summary = console[console.index("run completed"):]
     assert str(run_dir) in summary and "60 of 60" in summary
     rows = read_metrics(run_dir / "metrics.jsonl")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-__all__ = ["HideUpdates", "log_update", "progress_bars", "run_summary"]
+__all__ = ["HideUpdates", "library_bars", "log_update", "progress_bars", "run_summary"]
 
 log = logging.getLogger(__name__)
 _updates = logging.getLogger(f"{__name__}.updates")
@@ -64,6 +65,17 @@ def progress_bars(show: bool | None, max_steps: int, first_step: int, ppo_epochs
         finally:
             epochs.close()
             steps.close()
+
+
+def library_bars(show: bool | None) -> None:
+    """Switch off the bars of transformers and huggingface_hub (loading weights ...) where so8t's
+    own are off, so a log file holds no bar fragments."""
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _first_and_last(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
