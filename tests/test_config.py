@@ -151,3 +151,22 @@ def test_identity_is_flat_and_excludes_neutral_keys():
     assert "ppo.optimizer.learning_rate" in identity
     assert not any(k.startswith(("hardware", "checkpoint", "output", "logger")) for k in identity)
     assert OmegaConf.is_config(_compose()) and "max_steps" not in identity
+
+
+def test_help_names_the_command_describes_every_group_and_hides_the_schemas():
+    import subprocess
+    import sys
+
+    from so8t.config.help import GROUPS
+
+    folders = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")}
+    assert set(GROUPS) == folders | {"experiment"}, "every config group needs a line in --help"
+    out = subprocess.run([sys.executable, "-m", "so8t.train", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.startswith("so8t-train: ") and "train is powered by Hydra" not in text
+    assert "_schema" not in text
+    for group, what in GROUPS.items():
+        assert f"  {group}" in text and what in text, group
+    assert "options: lora, so8" in text and "options: all, default, mlflow, tensorboard, wandb" in text
+    assert "optimized_metric: reward/mean" in text  # the composed config follows

@@ -284,6 +284,12 @@ def test_objective_is_the_mean_reward_of_the_last_tenth(tmp_path, monkeypatch):
     assert sweep.final_reward(tmp_path) == (19.0 + 40.0) / 2
     assert math.isnan(sweep.final_reward(tmp_path / "nowhere"))
     assert sweep.job_result(0, tmp_path) == (19.0 + 40.0) / 2
+    # optimized_metric picks another metric for the sweeper; one the run never logged gives NaN.
+    with MetricsWriter(tmp_path / "other.jsonl") as writer:
+        for step in range(1, 11):
+            writer.write({"step": step, "reward/mean": 0.0, "kl/mean": step / 10})
+    assert sweep.job_result(0, tmp_path, "other.jsonl", "kl/mean") == 1.0
+    assert math.isnan(sweep.job_result(0, tmp_path, "other.jsonl", "no/such_metric"))
     monkeypatch.setattr(sweep, "in_multirun", lambda: True)
     for code in (1, 2, 3):
         with pytest.raises(sweep.JobFailed) as failed:  # an Exception: the launcher goes on

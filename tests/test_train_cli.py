@@ -66,11 +66,14 @@ def test_console_shows_events_and_summary_but_no_per_update_lines_or_bars_off_a_
     assert "step 60" in summary.split("checkpoints", 1)[1].splitlines()[0]
 
 
-def test_bars_show_when_asked_for(tmp_path):
-    proc = run_cli(tmp_path, "debug=fast", bars="true")
+def test_bars_show_when_asked_for_and_hydra_verbose_sets_the_log_level(tmp_path):
+    proc = run_cli(tmp_path, "debug=fast", "hydra.verbose=so8t", bars="true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "updates: 100%" in proc.stderr and "3/3" in proc.stderr
     assert "step 3: reward" not in proc.stdout + proc.stderr
+    assert "[DEBUG] Committed checkpoint " in proc.stdout and "[DEBUG] objective: mean reward/mean" in proc.stdout
+    quiet = run_cli(tmp_path, "debug=fast", "max_steps=4", "hydra.job_logging.root.level=WARNING")
+    assert quiet.returncode == 0 and "[INFO]" not in quiet.stdout, quiet.stdout[-2000:]
 
 
 def test_default_run_reward_rises(default_run):

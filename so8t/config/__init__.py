@@ -89,6 +89,9 @@ def register() -> None:
     # registering them here is what makes `experiment=NAME` find them.
     for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+    from so8t.config.help import help_config
+
+    cs.store(group="hydra/help", name="so8t", node=help_config(CONF_DIR, EXPERIMENTS_DIR))
     OmegaConf.register_new_resolver("so8t_run_name", _auto_run_name, replace=True)
     OmegaConf.register_new_resolver("so8t_sweep_name", _auto_sweep_name, replace=True)
     _registered = True
