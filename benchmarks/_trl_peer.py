@@ -49,6 +49,7 @@ def main() -> None:
 
     import torch
     import transformers
+    import transformers.models.phi3.modeling_phi3  # noqa: F401  (the model classes count as imports)
     import trl
     from datasets import Dataset
     from peft import LoraConfig
@@ -56,7 +57,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo_module
-    import transformers.models.phi3.modeling_phi3  # noqa: F401  (the model classes count as imports)
 
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()

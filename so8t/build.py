@@ -81,7 +81,6 @@ def build_components(cfg) -> Components:
     from so8t.ppo.trainer import PPOTrainer
     from so8t.rewards import build_reward
     from so8t.rewards.normalize import RewardNormalizer
-
     from so8t.run.console import library_bars
 
     library_bars(cfg.output.progress_bars)

@@ -154,8 +154,8 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline) ->
     from so8t.checkpoint import CheckpointService
     from so8t.config.identity import config_identity
     from so8t.errors import SetupError
-    from so8t.run.metrics import MetricsWriter
     from so8t.run.console import run_summary
+    from so8t.run.metrics import MetricsWriter
     from so8t.run.trackers import open_trackers
 
     log.info("run dir: %s", run_dir.resolve())

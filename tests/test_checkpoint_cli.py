@@ -383,7 +383,8 @@ def test_checkpoint_files_are_plain_safetensors(base, tmp_path):
 
     tensors = {
         "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
-        "f64": torch.randn(3, dtype=torch.float64), "i64": torch.arange(5), "i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "f64": torch.randn(3, dtype=torch.float64), "i64": torch.arange(5),
+        "i8": torch.tensor([-1, 2], dtype=torch.int8),
         "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
         "transposed": torch.randn(4, 6).t(),
     }

@@ -25,7 +25,8 @@ def _options(group: str) -> list[str]:
 
 GROUP_OPTIONS = [
     (group, option)
-    for group in ("model", "adapter", "ppo", "reward", "data", "checkpoint", "hardware", "output", "logger", "paths", "debug")
+    for group in ("model", "adapter", "ppo", "reward", "data", "checkpoint", "hardware", "output", "logger", "paths",
+                  "debug")
     for option in _options(group)
 ]
 # Options that need a value the user must supply before they validate.
@@ -139,7 +140,8 @@ def test_run_names_are_file_system_safe_and_hashed_when_long():
 
 
 def test_neutral_keys_cover_hardware_logging_cadence_and_length():
-    for key in ("hardware", "hardware.num_threads", "output.samples_every", "logger.backends", "checkpoint.every_steps", "max_steps", "+max_steps"):
+    for key in ("hardware", "hardware.num_threads", "output.samples_every", "logger.backends", "checkpoint.every_steps",
+                "max_steps", "+max_steps"):
         assert is_neutral(key)
     for key in ("seed", "ppo.temperature", "model.path", "adapter.layers"):
         assert not is_neutral(key)

@@ -391,8 +391,7 @@ def test_an_existing_output_is_kept_unless_forced(so8_run, tmp_path):
 def test_a_failed_write_leaves_no_output_and_no_temporary(so8_run, tmp_path, monkeypatch):
     import errno
 
-    from so8t.export import ExportError, export_policy
-    from so8t.export import exporter
+    from so8t.export import ExportError, export_policy, exporter
 
     def full_disk(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

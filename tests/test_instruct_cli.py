@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.phi35_style import make_phi35_style_model
 from so8t.run.metrics import read_metrics
+from tests.phi35_style import make_phi35_style_model
 
 pytestmark = pytest.mark.slow
 

@@ -184,7 +184,8 @@ def test_missing_stop_is_penalised_and_score_is_the_weighted_reward(first_rollou
 def test_bf16_ratio_is_exactly_one_at_the_start_only_with_recompute(recompute):
     torch.manual_seed(0)
     trainer = _trainer("hardware.dtype=bfloat16", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
-                       "hardware.micro_batch_size=4", "ppo.max_new_tokens=12", f"ppo.recompute_old_logprobs={recompute}")
+                       "hardware.micro_batch_size=4", "ppo.max_new_tokens=12",
+                       f"ppo.recompute_old_logprobs={recompute}")
     row = trainer.train_step()
     if recompute:
         # Old log-probs from the very forward the first mini-batch trains with: ratio 1, KL 0.

@@ -185,7 +185,8 @@ def _broken_model_folder(folder: Path, problem: str) -> Path:
     tok = build_tiny_tokenizer()
     hidden = 36 if problem == "hidden size" else 32
     torch.manual_seed(0)
-    Phi3ForCausalLM(build_tiny_config(hidden_size=hidden, num_heads=4, num_layers=1, tokenizer=tok)).save_pretrained(folder)
+    config = build_tiny_config(hidden_size=hidden, num_heads=4, num_layers=1, tokenizer=tok)
+    Phi3ForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     if problem == "no weights":
         (folder / "model.safetensors").unlink()

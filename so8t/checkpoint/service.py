@@ -297,7 +297,8 @@ class CheckpointService:
         path, loaded, rejected = found
         return self._restore(path, loaded, rejected, identity)
 
-    def _restore(self, path: Path, loaded: tuple, rejected: list[tuple[Path, list[str]]], identity: dict) -> ResumeResult:
+    def _restore(self, path: Path, loaded: tuple, rejected: list[tuple[Path, list[str]]],
+                 identity: dict) -> ResumeResult:
         tensors, skeleton, manifest = loaded
 
         saved_identity = manifest.get("config_identity") or {}

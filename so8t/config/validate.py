@@ -131,7 +131,8 @@ def _check_data(cfg: DictConfig, problems: list[str]) -> None:
         _positive(cfg, "data.num_prompts", problems)
         _positive(cfg, "data.min_operand", problems, allow_zero=True)
         if cfg.data.max_operand < cfg.data.min_operand:
-            problems.append(f"data.max_operand={cfg.data.max_operand} must be >= data.min_operand={cfg.data.min_operand}")
+            problems.append(f"data.max_operand={cfg.data.max_operand} must be >= "
+                            f"data.min_operand={cfg.data.min_operand}")
     elif cfg.data.get("source") == "jsonl":
         if OmegaConf.is_missing(cfg.data, "path"):
             problems.append("data.path must be set for data=jsonl (data.path=/path/to/prompts.jsonl)")

@@ -117,7 +117,8 @@ def render_card(trained, facts: CardFacts, out_name: str) -> str:
         f"* Architecture: `{facts.architecture}`, weights in `{facts.dtype}`",
         f"* Adapter: {_adapter_text(adapter, trained.gate, facts.layout)}",
         f"* Trained: {trained.step if trained.step is not None else 'unknown'} PPO updates "
-        f"(exported from the run's {'`final/`' if trained.source_kind == 'final' else 'checkpoint `' + trained.source.name + '`'})",
+        "(exported from the run's "
+        f"{'`final/`' if trained.source_kind == 'final' else 'checkpoint `' + trained.source.name + '`'})",
     ]
     if facts.check is not None:
         lines.append(
