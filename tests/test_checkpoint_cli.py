@@ -12,12 +12,10 @@ once per module and copied.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from safetensors.torch import load_file
 
 from so8t.checkpoint.store import LATEST_FILE, MANIFEST_FILE, TENSORS_FILE, parse_step
 from so8t.run.metrics import read_metrics
+from tests.conftest import cli_argv, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -39,22 +38,14 @@ TIMEOUT = 180  # per process; generous for a loaded 2-core machine
 # ---------------------------------------------------------------------- helpers
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
-
-
-def _argv(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "so8t.train", "output.progress_bars=false", *overrides]
-
-
 def train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     """Run the CLI to its end; stdout and stderr together in ``.stdout``."""
-    return subprocess.run(_argv(*overrides), cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+    return subprocess.run(cli_argv(*overrides), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
 
 
 def start(cwd: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(_argv(*overrides), cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
+    return subprocess.Popen(cli_argv(*overrides), cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from so8t.config import CONF_DIR, EXPERIMENTS_DIR, register
 from so8t.config.identity import config_identity, is_neutral, name_from_overrides, safe_name
 from so8t.config.validate import ConfigValidationError, validate
+from tests.conftest import compose
 
 register()
-
-
-def _compose(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def _options(group: str) -> list[str]:
@@ -36,28 +30,28 @@ REQUIRED = {("model", "local"): ["model.path=/some/folder"], ("data", "jsonl"): 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = _compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    cfg = compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
     validate(cfg)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
 def test_every_experiment_preset_composes_validates_and_starts_with_its_command(name):
-    cfg = _compose([f"experiment={name}"])
+    cfg = compose([f"experiment={name}"])
     validate(cfg)
     first_line = (EXPERIMENTS_DIR / f"{name}.yaml").read_text().splitlines()[0]
     assert first_line == f"# so8t-train experiment={name}"
 
 
 def test_phi35_preset_selects_the_real_model_and_the_3060_profile():
-    cfg = _compose(["experiment=phi35_rtx3060"])
+    cfg = compose(["experiment=phi35_rtx3060"])
     assert cfg.model.path == "microsoft/Phi-3.5-mini-instruct"
     assert cfg.hardware.device == "cuda" and cfg.hardware.dtype == "bfloat16"
     assert cfg.hardware.micro_batch_size == 1 and cfg.hardware.gradient_checkpointing
 
 
 def test_hardware_profiles_change_only_device_and_memory_knobs():
-    cpu = config_identity(_compose(["hardware=cpu"]))
-    gpu = config_identity(_compose(["hardware=rtx3060"]))
+    cpu = config_identity(compose(["hardware=cpu"]))
+    gpu = config_identity(compose(["hardware=rtx3060"]))
     assert cpu == gpu
 
 
@@ -73,7 +67,7 @@ def test_hardware_profiles_change_only_device_and_memory_knobs():
 )
 def test_unknown_keys_and_wrong_types_fail_at_composition_naming_the_key(override, needle):
     with pytest.raises(ConfigCompositionException) as info:
-        _compose([override])
+        compose([override])
     text = str(info.value) + str(info.value.__cause__ or "")
     assert needle in text
 
@@ -103,21 +97,21 @@ def test_unknown_keys_and_wrong_types_fail_at_composition_naming_the_key(overrid
     ],
 )
 def test_bad_values_fail_validation_naming_the_key(overrides, needle):
-    cfg = _compose(overrides)
+    cfg = compose(overrides)
     with pytest.raises(ConfigValidationError) as info:
         validate(cfg)
     assert needle in str(info.value)
 
 
 def test_validation_reports_every_problem_at_once():
-    cfg = _compose(["ppo.temperature=-1", "ppo.mini_batch_size=5"])
+    cfg = compose(["ppo.temperature=-1", "ppo.mini_batch_size=5"])
     with pytest.raises(ConfigValidationError) as info:
         validate(cfg)
     assert len(info.value.problems) == 2
 
 
 def test_user_reward_term_with_target_validates():
-    cfg = _compose(["+reward.terms.think={weight:0.5,_target_:trl.rewards.think_format_reward}"])
+    cfg = compose(["+reward.terms.think={weight:0.5,_target_:trl.rewards.think_format_reward}"])
     validate(cfg)
     assert cfg.reward.terms.think.weight == 0.5
 
@@ -148,11 +142,15 @@ def test_neutral_keys_cover_hardware_logging_cadence_and_length():
 
 
 def test_identity_is_flat_and_excludes_neutral_keys():
-    identity = config_identity(_compose())
+    identity = config_identity(compose())
     assert identity["model.source"] == "tiny"
     assert "ppo.optimizer.learning_rate" in identity
     assert not any(k.startswith(("hardware", "checkpoint", "output", "logger")) for k in identity)
-    assert OmegaConf.is_config(_compose()) and "max_steps" not in identity
+    assert "max_steps" not in identity and "run_name" not in identity
+    assert not any(isinstance(v, dict) for v in identity.values())
+    # A result-shaping change shows in the identity; result-neutral ones do not.
+    assert config_identity(compose(["seed=1"])) == {**identity, "seed": 1}
+    assert config_identity(compose(["max_steps=7", "hardware.num_threads=1", "logger=tensorboard"])) == identity
 
 
 def test_help_names_the_command_describes_every_group_and_hides_the_schemas():

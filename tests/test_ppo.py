@@ -6,22 +6,17 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from so8t.build import build_components
-from so8t.config import CONF_DIR, register
 from so8t.ppo.advantages import gae, last_token_index, masked_whiten, token_rewards
 from so8t.ppo.kl import AdaptiveKLController, FixedKLController
 from so8t.ppo.rollout import response_logits, token_logprobs
 from so8t.ppo.schedules import lr_multiplier
-
-register()
+from tests.conftest import compose
 
 
 def _trainer(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hardware.num_threads=1", *overrides])
-    return build_components(cfg).trainer
+    return build_components(compose(["hardware.num_threads=1", *overrides])).trainer
 
 
 def test_gae_matches_a_hand_computed_example():

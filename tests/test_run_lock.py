@@ -28,6 +28,23 @@ def _start_holder(run_dir):
     return proc
 
 
+TRY = """
+import sys
+from so8t.run.lock import RunLock, RunLockedError
+try:
+    RunLock(sys.argv[1]).acquire()
+except RunLockedError:
+    print("REFUSED")
+else:
+    print("ACQUIRED")
+"""
+
+
+def _try_in_child(run_dir) -> str:
+    out = subprocess.run([sys.executable, "-c", TRY, str(run_dir)], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip()
+
+
 def _dead_pid():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -93,8 +110,13 @@ def test_acquire_twice_is_idempotent(tmp_path):
     lock = RunLock(tmp_path)
     lock.acquire()
     lock.acquire()
+    assert lock.read_holder()["pid"] == os.getpid()
+    assert _try_in_child(tmp_path) == "REFUSED"  # still held: another process is refused
     lock.release()
     lock.release()
+    assert not (tmp_path / ".lock").exists()  # our record is gone after the first release
+    with RunLock(tmp_path) as again:  # and the run dir is free
+        assert again.read_holder()["pid"] == os.getpid()
 
 
 def test_release_from_another_thread(tmp_path):

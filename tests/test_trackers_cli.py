@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from so8t.config.validate import ConfigValidationError, validate
 from so8t.run.metrics import read_metrics
 from so8t.run.wandb_log import history, run_files
+from tests.conftest import cli_argv, cli_env, compose
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +29,18 @@ TIMEOUT = 240
 
 
 def _env(tmp_path: Path) -> dict:
-    return dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true",
-                # MLflow 3 keeps its file store working only on request; it is the store read here.
-                MLFLOW_ALLOW_FILE_STORE="true", WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
-                WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    return cli_env(WANDB_MODE="offline", WANDB_SILENT="true",
+                   # MLflow 3 keeps its file store working only on request; it is the store read here.
+                   MLFLOW_ALLOW_FILE_STORE="true", WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+                   WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
 
 
 def _argv(mlruns: Path) -> list[str]:
-    return [sys.executable, "-m", "so8t.train", "output.progress_bars=false", "logger=all",
-            f"logger.mlflow.tracking_uri={mlruns.as_uri()}", f"max_steps={MAX_STEPS}", "run_name=tracked",
-            "checkpoint=step", "checkpoint.every_steps=4", "checkpoint.async_write=false",
-            # Slower updates (~0.15 s), so the kill surely lands between two checkpoints.
-            "ppo.rollout_batch_size=64", "hardware.num_threads=1"]
+    return cli_argv("logger=all", f"logger.mlflow.tracking_uri={mlruns.as_uri()}", f"max_steps={MAX_STEPS}",
+                    "run_name=tracked", "checkpoint=step", "checkpoint.every_steps=4",
+                    "checkpoint.async_write=false",
+                    # Slower updates (~0.15 s), so the kill surely lands between two checkpoints.
+                    "ppo.rollout_batch_size=64", "hardware.num_threads=1")
 
 
 def _raw_rows(path: Path) -> int:
@@ -128,19 +128,9 @@ def test_mlflow_continues_the_same_run_without_a_step_twice(killed_and_resumed):
 # ---------------------------------------------------------------------- refusals, in seconds
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    from so8t.config import CONF_DIR, register
-
-    register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 def test_an_unknown_backend_is_refused_naming_the_choices():
     with pytest.raises(ConfigValidationError, match=r"'neptune' is not one of \['jsonl', 'tensorboard'"):
-        validate(_compose(["logger.backends=[jsonl,neptune]"]))
+        validate(compose(["logger.backends=[jsonl,neptune]"]))
 
 
 def test_a_backend_whose_package_is_missing_is_refused_with_the_install_command(monkeypatch):
@@ -149,5 +139,5 @@ def test_a_backend_whose_package_is_missing_is_refused_with_the_install_command(
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigValidationError, match=r'the wandb package is not installed: pip install "so8t\[wandb\]"'):
-        validate(_compose(["logger=wandb"]))
+        validate(compose(["logger=wandb"]))
 
