@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from so8t import compare
-from so8t.config import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 IDENTITY = {"seed": 0, "ppo.clip_range": 0.2, "ppo.optimizer.betas": [0.9, 0.999], "adapter.kind": "so8"}
 
@@ -259,6 +260,7 @@ def test_plot_writes_a_png_with_one_panel_per_metric(tree, tmp_path, capsys):
                                         "clip_range=0.1, seed=0", "clip_range=0.3, seed=0"]
 
 
+@pytest.mark.slow
 def test_imports_no_torch_and_is_a_console_script(tmp_path):
     heavy = ("torch", "transformers", "hydra", "matplotlib")
     code = f"import sys, so8t.compare; print(sorted(m for m in {heavy!r} if m in sys.modules))"

@@ -153,6 +153,7 @@ def test_identity_is_flat_and_excludes_neutral_keys():
     assert config_identity(compose(["max_steps=7", "hardware.num_threads=1", "logger=tensorboard"])) == identity
 
 
+@pytest.mark.slow
 def test_help_names_the_command_describes_every_group_and_hides_the_schemas():
     import subprocess
     import sys

@@ -165,14 +165,25 @@ def test_any_configured_stop_token_or_stop_string_ends_a_response():
     assert bool(ro.ended_with_stop.any())
 
 
-def test_missing_stop_is_penalised_and_score_is_the_weighted_reward(first_rollout):
-    trainer, scored = first_rollout
-    ro = scored.rollout
-    penalty = trainer.cfg.missing_eos_penalty
-    completions, _ = trainer._decode_responses(ro)
-    assert len(completions) == ro.response_ids.shape[0]
-    raw = scored.scores + penalty * (~ro.ended_with_stop).float()
-    assert float(raw.mean()) == pytest.approx(scored.stats["reward/mean"], abs=1e-6)
+def indexed_reward(completions, **kwargs):
+    """A reward term whose values are known in advance: 0.1 × the episode's index."""
+    return [0.1 * i for i in range(len(completions))]
+
+
+def test_missing_stop_is_penalised_and_score_is_the_weighted_reward():
+    torch.manual_seed(0)
+    # Short responses, so that some hit max_new_tokens without a stop.
+    trainer = _trainer("~reward.terms.format", "~reward.terms.exact_match", "ppo.max_new_tokens=3",
+                       "ppo.missing_eos_penalty=0.3",
+                       "+reward.terms.indexed={_target_:tests.test_ppo.indexed_reward,weight:0.5}")
+    scored = trainer.make_rollout()
+    ended = scored.rollout.ended_with_stop.tolist()
+    assert not all(ended), "the case needs episodes that hit max_new_tokens"
+    expected = [0.5 * 0.1 * i - (0.0 if stop else 0.3) for i, stop in enumerate(ended)]
+    assert scored.scores.tolist() == pytest.approx(expected, abs=1e-6)
+    # reward/mean is the weighted reward before the missing-stop penalty.
+    n = len(ended)
+    assert scored.stats["reward/mean"] == pytest.approx(sum(0.05 * i for i in range(n)) / n, abs=1e-6)
 
 
 @pytest.mark.parametrize("recompute", [True, False])

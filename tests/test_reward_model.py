@@ -342,6 +342,7 @@ def test_cuda_device_without_cuda_is_refused(plain_rm):
         build_reward(term_cfg(plain_rm[0], device="cuda"))
 
 
+@pytest.mark.slow
 def test_cli_exits_2_naming_the_reward_model_folder(tmp_path):
     missing = tmp_path / "absent_rm"
     proc = subprocess.run(
@@ -355,6 +356,7 @@ def test_cli_exits_2_naming_the_reward_model_folder(tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_cli_trains_with_a_reward_model(tmp_path, plain_rm):
     proc = subprocess.run(
         [sys.executable, "-m", "so8t.train", "output.progress_bars=false", "reward=model",

@@ -72,6 +72,7 @@ def test_second_lock_in_same_process_is_refused_with_holder(tmp_path):
     RunLock(tmp_path).acquire()  # free again after release
 
 
+@pytest.mark.slow
 def test_live_process_blocks_us_then_kill_9_frees_the_lock(tmp_path, caplog):
     proc = _start_holder(tmp_path)
     try:
@@ -87,6 +88,7 @@ def test_live_process_blocks_us_then_kill_9_frees_the_lock(tmp_path, caplog):
     assert f"previous holder pid {proc.pid}" in caplog.text
 
 
+@pytest.mark.slow
 def test_stale_record_of_dead_pid_is_taken_over(tmp_path, caplog):
     dead = _dead_pid()
     (tmp_path / ".lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x"}))
@@ -106,6 +108,7 @@ def test_release_keeps_a_record_that_is_not_ours(tmp_path):
     assert (tmp_path / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_acquire_twice_is_idempotent(tmp_path):
     lock = RunLock(tmp_path)
     lock.acquire()

@@ -20,6 +20,8 @@ posix_only = pytest.mark.skipif(os.name == "nt", reason="os.kill with arbitrary 
 LOOP = """
 import sys, time
 from so8t.run.signals import StopSignal
+
+pytestmark = pytest.mark.slow  # real processes
 with StopSignal() as stop:
     print("READY", flush=True)
     deadline = time.monotonic() + 30

@@ -25,6 +25,8 @@ from omegaconf import OmegaConf
 from so8t.config import CONF_DIR, register, sweep_name_of
 from so8t.run.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # real processes
+
 register()
 
 MAX_STEPS = 16

@@ -15,6 +15,8 @@ import pytest
 import so8t
 from so8t.run.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # real processes
+
 METRIC_KEYS = {"step", "reward/mean", "loss/total", "loss/policy_loss", "loss/value_loss", "kl/mean", "entropy",
                "clip_fraction", "lr", "time/step"}
 
