@@ -14,7 +14,7 @@ the adapter-disabled policy, no second copy), a separate value model (a sequence
 classification head on its own copy of the base, fully trained, as in TRL's examples), a
 reward *model*: here an ``nn.Module`` that scores token ids with the cheap function reward.
 ``--no-gc`` replaces the two ``gc.collect()`` calls TRL makes per update by no-ops
-(DESIGN §8: they dominate its time on small models).
+(they dominate its time on small models; docs/architecture.md, "performance notes").
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def main() -> None:
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
 
     # Count the optimizer steps actually taken (the accelerate wrapper skips some when
-    # gradient accumulation and mini-batches disagree, DESIGN §5).
+    # gradient accumulation and mini-batches disagree; docs/architecture.md, step 5 of an update).
     steps = [0]
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     inner.register_step_post_hook(lambda *a, **k: steps.__setitem__(0, steps[0] + 1))

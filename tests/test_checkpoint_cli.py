@@ -94,7 +94,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def metric_rows(run: Path) -> dict[int, dict]:
-    """Rows by step without the wall-clock ``time/*`` keys (they differ between runs)."""
+    """Rows by step without the ``time/*`` durations (measured, so they differ between runs)."""
     return {row["step"]: {k: v for k, v in row.items() if not k.startswith("time/")}
             for row in read_metrics(run / "metrics.jsonl")}
 
