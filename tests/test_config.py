@@ -171,3 +171,13 @@ def test_help_names_the_command_describes_every_group_and_hides_the_schemas():
         assert f"  {group}" in text and what in text, group
     assert "options: lora, so8" in text and "options: all, default, mlflow, tensorboard, wandb" in text
     assert "optimized_metric: reward/mean" in text  # the composed config follows
+
+
+def test_own_presets_on_hydra_searchpath_add_options_to_the_groups(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nppo:\n  clip_range: 0.33\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_phi.yaml").write_text("defaults:\n  - local\n  - _self_\npath: /models/my_phi\n")
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "model=my_phi"])
+    validate(cfg)
+    assert cfg.ppo.clip_range == 0.33 and cfg.model.source == "local" and cfg.model.path == "/models/my_phi"
