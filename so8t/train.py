@@ -37,7 +37,35 @@ def _run(cfg: DictConfig) -> float:
     return job_result(run_training(cfg), run_dir_of_job(), cfg.output.metrics_file, cfg.optimized_metric)
 
 
+# Launchers that come with the `sweep` extra: the option names and the plugin they need.
+_LAUNCHER_PLUGINS = {"parallel": "hydra_plugins.hydra_joblib_launcher", "joblib": "hydra_plugins.hydra_joblib_launcher",
+                     "slurm": "hydra_plugins.hydra_submitit_launcher",
+                     "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+                     "submitit_local": "hydra_plugins.hydra_submitit_launcher"}
+
+
+def _missing_launcher(argv: list[str]) -> str | None:
+    """The message for a chosen launcher whose plugin is not installed (Hydra's own error only
+    says that a config was not found)."""
+    import importlib.util
+
+    for arg in argv:
+        key, _, option = arg.partition("=")
+        if key.lstrip("+") == "hydra/launcher" and option in _LAUNCHER_PLUGINS:
+            try:
+                found = importlib.util.find_spec(_LAUNCHER_PLUGINS[option]) is not None
+            except ModuleNotFoundError:  # hydra_plugins itself is absent
+                found = False
+            if not found:
+                return f"hydra/launcher={option} needs the sweep extra: pip install \"so8t[sweep]\""
+    return None
+
+
 def main() -> None:
+    problem = _missing_launcher(sys.argv[1:])
+    if problem:
+        print(f"so8t-train: {problem}", file=sys.stderr)
+        sys.exit(2)
     _run()
 
 

@@ -307,3 +307,18 @@ def test_objective_is_the_mean_reward_of_the_last_tenth(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as info:
         sweep.job_result(2, tmp_path)
     assert info.value.code == 2
+
+
+def test_a_launcher_without_its_plugin_is_refused_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    from so8t import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.") else real(name, *a))
+    assert train._missing_launcher(["-m", "hydra/launcher=parallel", "seed=1,2"]) == (
+        'hydra/launcher=parallel needs the sweep extra: pip install "so8t[sweep]"')
+    assert train._missing_launcher(["hydra/launcher=basic", "seed=1"]) is None
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert train._missing_launcher(["-m", "hydra/launcher=slurm"]) is None  # installed here
