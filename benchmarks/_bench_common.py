@@ -13,7 +13,7 @@ import json
 import resource
 import sys
 
-# The two benchmark configurations of issue 6 (hidden size, layers, rollout batch, response
+# The two benchmark configurations (hidden size, layers, rollout batch, response
 # length); both use 4 PPO epochs over one mini-batch (= one optimizer step per epoch).
 CONFIGS: dict[str, dict] = {
     "small": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
@@ -30,7 +30,7 @@ CONFIGS: dict[str, dict] = {
                  adapter_layers=[-3, -2, -1]),
 }
 
-# Settings both sides share (PPO settings under which the tiny model learns).
+# Settings both sides share: the PPO knobs of conf/ppo/default.yaml, one learning rate for both.
 LEARNING_RATE = 1e-3
 KL_COEF = 0.05
 CLIP_RANGE = 0.2

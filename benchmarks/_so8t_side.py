@@ -127,11 +127,8 @@ def main() -> None:
 
     import torch
     import transformers
+    import transformers.models.phi3.modeling_phi3  # noqa: F401
     from hydra import compose, initialize_config_dir
-
-    from so8t.build import build_components
-    from so8t.config import CONF_DIR, register
-    from so8t.rewards import RewardFunction, RewardTerm
 
     # Everything build_components imports lazily belongs to the import baseline, as do the
     # model classes (TRL's side imports the same before its baseline).
@@ -142,10 +139,13 @@ def main() -> None:
     import so8t.ppo.kl  # noqa: F401
     import so8t.ppo.schedules  # noqa: F401
     import so8t.ppo.trainer  # noqa: F401
-    import transformers.models.phi3.modeling_phi3  # noqa: F401
+    from so8t.build import build_components
+    from so8t.config import CONF_DIR, register
+    from so8t.rewards import RewardFunction, RewardTerm
 
     if args.adapter == "lora":
         import peft  # noqa: F401
+
         import so8t.model.lora  # noqa: F401
 
     gc.collect()

@@ -14,7 +14,7 @@ the adapter-disabled policy, no second copy), a separate value model (a sequence
 classification head on its own copy of the base, fully trained, as in TRL's examples), a
 reward *model*: here an ``nn.Module`` that scores token ids with the cheap function reward.
 ``--no-gc`` replaces the two ``gc.collect()`` calls TRL makes per update by no-ops
-(they dominate its time on small models: see benchmarks/RESULTS.md).
+(they dominate its time on small models; docs/architecture.md, "performance notes").
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main() -> None:
 
     import torch
     import transformers
+    import transformers.models.phi3.modeling_phi3  # noqa: F401  (the model classes count as imports)
     import trl
     from datasets import Dataset
     from peft import LoraConfig
@@ -56,7 +57,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo_module
-    import transformers.models.phi3.modeling_phi3  # noqa: F401  (the model classes count as imports)
 
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -180,7 +180,7 @@ def main() -> None:
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
 
     # Count the optimizer steps actually taken (the accelerate wrapper skips some when
-    # gradient accumulation and mini-batches disagree).
+    # gradient accumulation and mini-batches disagree; docs/architecture.md, step 5 of an update).
     steps = [0]
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     inner.register_step_post_hook(lambda *a, **k: steps.__setitem__(0, steps[0] + 1))

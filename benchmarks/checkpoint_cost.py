@@ -149,7 +149,7 @@ def measure_saves(work: Path, policy, optimizer, parts, repeats: int) -> dict:
         out["blocked"].append(heartbeat(lambda: service.writer.busy))
         assert service.wait() is None
         until = time.perf_counter() + out["async_write"][-1]
-        out["blocked_idle"].append(heartbeat(lambda: time.perf_counter() < until))
+        out["blocked_idle"].append(heartbeat(lambda until=until: time.perf_counter() < until))
     service.close()
 
     service = CheckpointService(work / "sync", checkpoint_cfg(False), parts, IDENTITY)
@@ -218,10 +218,12 @@ def report(sizes: dict, saves: dict, start: dict, repeats: int, elapsed: float, 
         ("(a) bytes per checkpoint on disk", f"{on_disk / 1e6:.1f} MB",
          f"{on_disk / state:.4f}x the trainable state ({state / 1e6:.1f} MB)", "<= 1.05x", size_ok),
         ("(b) training stall per checkpoint, async_write=true", fmt_s(stall),
-         f"{stall / sync:.1%} of the sync write; {stall / pretrained:.1%} of save_pretrained", "<= 10 % of sync", stall_ok),
+         f"{stall / sync:.1%} of the sync write; {stall / pretrained:.1%} of save_pretrained", "<= 10 % of sync",
+         stall_ok),
         ("    the run's first save (snapshot buffers allocated)", fmt_s(saves["async_stall"][0]),
          f"{saves['async_stall'][0] / sync:.1%} of the sync write", "", None),
-        ("    background write (off the training thread)", fmt_s(write), f"{write / sync:.2f}x the sync write", "", None),
+        ("    background write (off the training thread)", fmt_s(write), f"{write / sync:.2f}x the sync write", "",
+         None),
         ("    training thread kept from Python during a write", fmt_s(blocked),
          f"heartbeat lateness; {fmt_s(blocked_idle)} with no write in flight", "", None),
         ("    synchronous write, async_write=false", fmt_s(sync), "1.00x", "", None),

@@ -150,9 +150,8 @@ def ensure_dependencies(wheels: Path | None, target: Path) -> list[str]:
 
 def build_model(folder: Path, args) -> None:
     """Child: the random-init model in bf16, built on the device and saved."""
-    import torch
-
     import _phi35
+    import torch
 
     started = time.perf_counter()
     device = "cuda" if args.device == "cuda" else "cpu"
@@ -183,7 +182,7 @@ def overrides_for(variant: str, model_dir: Path, args) -> list[str]:
     quarter = max(1, layers // 4)
     out = ["experiment=phi35_rtx3060", "model=local", f"model.path={model_dir}", f"model.quantization={quantization}",
            f"hardware.frozen_prefix_reuse={reuse}", "hardware.memory_check=warn", f"max_steps={args.updates}",
-           "checkpoint=step", "checkpoint.every_steps=1", "logger.progress_bars=false",
+           "checkpoint=step", "checkpoint.every_steps=1", "output.progress_bars=false",
            "adapter.layers=[" + ",".join(str(-i) for i in range(quarter, 0, -1)) + "]"]
     if args.device == "cpu":
         # fp32: CPU bf16 matmuls are several times slower, and the smoke mode checks the script, not speed.
@@ -351,7 +350,7 @@ def report(results: list[dict], skipped: list[str], args, started: float) -> lis
         err = ("-" if r["peak_allocated"] is None
                else f"{100 * (r['estimate_allocated'] / r['peak_allocated'] - 1):+.1f} %")
 
-        def metric(key):
+        def metric(key, s0=s0):
             return f"{s0[key]:.2e}" if key in s0 else "n/a"
 
         lines.append(
@@ -453,7 +452,7 @@ def main() -> None:
                 results.append(dict(variant=variant, error=f"timed out after {args.timeout:g} s"))
                 print(f"{variant}: timed out", flush=True)
                 continue
-            line = next((l for l in proc.stdout.splitlines() if l.startswith(RESULT_MARK)), None)
+            line = next((out for out in proc.stdout.splitlines() if out.startswith(RESULT_MARK)), None)
             if line is None:
                 tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
                 results.append(dict(variant=variant, error=tail[0][:200].replace("|", "/")))

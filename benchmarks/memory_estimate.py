@@ -74,7 +74,7 @@ def compose(model_dir: Path, prompts: Path, sizes: dict, overrides: list[str]):
             "data.reference_field=null", "data.system_field=null", "data.chat_template=false",
             f"data.max_prompt_tokens={PROMPT_CHARS}", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
             "ppo.ppo_epochs=2", f"ppo.max_new_tokens={RESPONSE}", "hardware.micro_batch_size=2",
-            "hardware.num_threads=1", "logger.progress_bars=false"]
+            "hardware.num_threads=1", "output.progress_bars=false"]
     if not any(o.startswith("adapter") for o in overrides):
         base.append(last_quarter(sizes["num_hidden_layers"]))
     adapter_overrides = [o for o in overrides if o.startswith("adapter=")]
@@ -150,8 +150,8 @@ def run_one(name: str, tmp: Path, args) -> dict:
     import torch
 
     from so8t.build import build_components
-    from so8t.preflight import shapes_for
     from so8t.model.memory import estimate
+    from so8t.preflight import shapes_for
 
     sizes, overrides = CONFIGS[name]
     model_dir = tmp / f"model-{sizes['hidden_size']}"

@@ -351,7 +351,7 @@ def run_pass_config(config: str, args, tmp: Path, loads: list, raw: dict) -> dic
 
 def pass_report(sections, args, started: float, loads: list) -> list[str]:
     versions = _versions_here()
-    load_1m = [l[0] for l in loads]
+    load_1m = [load[0] for load in loads]
     out = [PASS_SECTION, "",
            f"`python benchmarks/ppo_throughput.py --configs {','.join(c for c, _ in sections)} --rounds {args.rounds} "
            f"--updates {args.updates} --warmup {args.warmup} --threads {args.threads}` "
@@ -462,7 +462,7 @@ def main() -> None:
     versions = _versions_here()
     peer_versions = next((r["versions"] for c in raw.values() for s, rs in c.items() if s.startswith("trl")
                           for r in rs), None)
-    load_1m = [l[0] for l in loads]
+    load_1m = [load[0] for load in loads]
     out = [SECTION, "",
            f"`python benchmarks/ppo_throughput.py --configs {','.join(configs)} --rounds {args.rounds} "
            f"--updates {args.updates} --warmup {args.warmup} --threads {args.threads}` "

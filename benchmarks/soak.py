@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from so8t.run.faults import PAUSE_POINTS  # noqa: E402
 
-ARGS = ["logger.progress_bars=false", "run_name=soak", "checkpoint=step", "checkpoint.every_steps=2",
+ARGS = ["output.progress_bars=false", "run_name=soak", "checkpoint=step", "checkpoint.every_steps=2",
         "ppo.rollout_batch_size=8", "ppo.ppo_epochs=1", "hardware.num_threads=1"]
 
 

@@ -85,15 +85,17 @@ def build_components(cfg, group=None) -> Components:
     """``group``: this process's :class:`so8t.distributed.Group` (None: a lone process)."""
     from so8t.data.prompts import build_prompts
     from so8t.data.sampler import PromptSampler
+    from so8t.distributed import Group, RankShard
+    from so8t.model.quantization import check_quantization
     from so8t.ppo.kl import build_kl_controller
     from so8t.ppo.schedules import build_lr_scheduler
     from so8t.ppo.trainer import PPOTrainer
+    from so8t.preflight import check_memory
     from so8t.rewards import build_reward
     from so8t.rewards.normalize import RewardNormalizer
-    from so8t.distributed import Group, RankShard
-    from so8t.model.quantization import check_quantization
-    from so8t.preflight import check_memory
+    from so8t.run.console import library_bars
 
+    library_bars(cfg.output.progress_bars)
     group = group or Group()
     device, dtype = configure_hardware(cfg.hardware, group)
     # Before any weight is loaded: a config that cannot run or cannot fit stops here.
@@ -141,7 +143,7 @@ def build_components(cfg, group=None) -> Components:
         # Always a checkpointed part (the identity when off), so switching it on or off on a
         # resume finds the state it expects.
         reward_normalizer=RewardNormalizer(cfg.reward.normalize, cfg.reward.clip),
-        samples_per_step=cfg.logger.samples_per_step,
+        samples_per_step=cfg.output.samples_per_step,
         rollout_micro_batch_size=cfg.hardware.rollout_micro_batch_size,
         frozen_prefix_reuse=cfg.hardware.frozen_prefix_reuse,
         group=group,

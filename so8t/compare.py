@@ -67,15 +67,19 @@ JSON output (``--format json``), stable; new keys may be added, none renamed or 
 Exit status: 0 when at least one run was found (even if ``--filter`` kept none), 1 when none
 was, 2 for a usage error (or ``--plot`` without matplotlib).
 
-Importing this module is cheap (no torch, no Hydra): it reads JSON and YAML files only.
+The table of runs is a pandas DataFrame (:func:`table_frame`, what ``csv`` prints); Markdown is
+tabulate's GitHub format; ``--plot`` draws with matplotlib's object API. What no library does is
+kept here: finding runs, reporting damaged ones, and the terminal table, which wraps a wide
+comparison into several tables that fit the terminal.
+
+Importing this module is cheap (no torch, no Hydra, no pandas until a table is printed): it reads
+JSON and YAML files only.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
-import io
 import json
 import math
 import os
@@ -210,7 +214,9 @@ def load_run(path: Path, root: Path | None = None) -> Run:
     identity = session.get("config_identity")
     if isinstance(identity, dict):
         config.update(identity)  # what the last training attempt actually ran with
-    rows = _read_metrics(path / "metrics.jsonl")
+    # output.metrics_file, as the run was configured (logger.metrics_file in older runs).
+    metrics_file = config.get("output.metrics_file") or config.get("logger.metrics_file") or "metrics.jsonl"
+    rows = _read_metrics(path / Path(str(metrics_file)).name)
     experiment, run = _names(path, root, config)
     attempts = [a for a in session.get("attempts") or [] if isinstance(a, dict)]
     last_ckpt = session.get("last_checkpoint")
@@ -269,7 +275,7 @@ def _read_metrics(file: Path) -> list[dict[str, Any]]:
     except ValueError as exc:
         raise Damaged(str(exc)) from None
     except OSError as exc:
-        raise Damaged(f"metrics.jsonl cannot be read ({_short(exc)})") from None
+        raise Damaged(f"{file.name} cannot be read ({_short(exc)})") from None
 
 
 def _read_config(file: Path) -> dict[str, Any]:
@@ -682,8 +688,17 @@ def _short_keys(keys: Sequence[str]) -> list[str]:
     return [short if last.count(short) == 1 else key for key, short in zip(keys, last)]
 
 
-def render_rows(cmp: Comparison) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows with every column (for csv and md)."""
+def table_frame(cmp: Comparison):
+    """The runs as a pandas DataFrame with every column (what csv and md print), one row per run.
+
+    Columns are Python objects, so integers stay integers where some runs lack a value."""
+    import pandas as pd
+
+    header, rows = _rows(cmp)
+    return pd.DataFrame(rows, columns=header, dtype=object)
+
+
+def _rows(cmp: Comparison) -> tuple[list[str], list[list[Any]]]:
     header = ["experiment", "run", "status", "step", "max_steps", "last_checkpoint_step", "resumes",
               "training_time", *cmp.keys]
     for m in cmp.metrics:
@@ -701,43 +716,40 @@ def render_rows(cmp: Comparison) -> tuple[list[str], list[list[Any]]]:
 
 
 def render_csv(cmp: Comparison) -> str:
-    header, rows = render_rows(cmp)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow(["" if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else v) for v in row])
-    return buffer.getvalue()
+    frame = table_frame(cmp).map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+    return frame.to_csv(index=False, lineterminator="\n")
 
 
 def render_markdown(cmp: Comparison) -> str:
-    header, rows = render_rows(cmp)
+    """A GitHub-flavoured Markdown table (tabulate), metric values to 4 significant digits."""
+    from tabulate import tabulate
 
-    first_metric = len(header) - 3 * len(cmp.metrics)
+    frame = table_frame(cmp)
+    metric_columns = set(frame.columns[len(frame.columns) - 3 * len(cmp.metrics):])
 
-    def cell(index: int, value: Any) -> str:
+    def cell(column: str, value: Any) -> str:
         if value is None:
             return ""
-        text = _number(value) if index >= first_metric and isinstance(value, float) else _text(value)
+        text = _number(value) if column in metric_columns and isinstance(value, float) else _text(value)
         return text.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(i, v) for i, v in enumerate(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    cells = [[cell(c, v) for c, v in zip(frame.columns, row)] for row in frame.itertuples(index=False)]
+    return tabulate(cells, headers=list(frame.columns), tablefmt="github", disable_numparse=True) + "\n"
 
 
 def plot(cmp: Comparison, file: str | os.PathLike[str]) -> Path:
-    """Draw each metric's curve of every run, one panel per metric, into a PNG file."""
-    import matplotlib
+    """Draw each metric's curve of every run, one panel per metric, into a PNG file.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib's object API (a ``Figure`` of its own, no pyplot): no global backend switch, no
+    figure left open in a process that imports this."""
+    from matplotlib.figure import Figure
 
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     labels = plot_labels(cmp)
     count = max(1, len(cmp.metrics))
-    fig, axes = plt.subplots(count, 1, figsize=(9.0, 3.2 * count + 0.6), squeeze=False, sharex=True)
+    fig = Figure(figsize=(9.0, 3.2 * count + 0.6))
+    axes = fig.subplots(count, 1, squeeze=False, sharex=True)
     styles = ["-", "--", "-.", ":"]
     for ax, metric in zip(axes[:, 0], cmp.metrics):
         drawn = 0
@@ -759,7 +771,6 @@ def plot(cmp: Comparison, file: str | os.PathLike[str]) -> Path:
             ax.text(0.5, 0.5, "no values logged", transform=ax.transAxes, ha="center", va="center")
     axes[-1, 0].set_xlabel("PPO update (step)")
     fig.savefig(file, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return file
 
 
@@ -920,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             path = plot(cmp, args.plot)
         except ImportError:
-            print("so8t-compare: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            print("so8t-compare: --plot needs matplotlib (pip install \"so8t[plot]\")", file=sys.stderr)
             return 2
         except OSError as exc:
             print(f"so8t-compare: cannot write {args.plot}: {_short(exc)}", file=sys.stderr)

@@ -549,10 +549,13 @@ class NullSession:
 
 
 class NullWriter:
-    """metrics.jsonl / samples.jsonl on ranks other than 0."""
+    """metrics.jsonl / samples.jsonl / the trackers on ranks other than 0."""
 
     def write(self, row) -> None:
         pass
 
-    def close(self) -> None:
+    def log(self, row) -> None:
+        pass
+
+    def close(self, *args) -> None:
         pass

@@ -8,15 +8,12 @@ exports ``final/`` and closes the attempt in ``session.json``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +37,6 @@ def _hydra_output_subdir() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().output_subdir if HydraConfig.initialized() else None
-
-
-def _postfix(row: dict) -> dict:
-    return {
-        "reward": f"{row['reward/mean']:.3f}",
-        "loss": f"{row['loss/total']:.3f}",
-        "kl": f"{row['kl/mean']:.4f}",
-        "s/step": f"{row['time/step']:.2f}",
-    }
 
 
 def _process_started() -> float:
@@ -126,7 +114,6 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
 
     started = _process_started()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
-    logging.getLogger("so8t").setLevel(cfg.logger.level)
     # Distributed hook (so8t.distributed): join the launcher's process group (a lone process
     # is a group of one); rank 0 holds the lock, and its outcome is every rank's.
     try:
@@ -196,7 +183,6 @@ def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
     import json
 
     from so8t.config.identity import config_identity
-
     from so8t.run.folder_manifest import verify_folder
 
     data = session.load()
@@ -226,13 +212,15 @@ def _use_deterministic_algorithms() -> None:
 
 def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lock, group) -> int:
     from so8t import distributed
-
     from so8t.build import build_components
     from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointService
     from so8t.config.identity import config_identity
+    from so8t.errors import SetupError
     from so8t.resume_config import RESUME_SHAPE_KEYS, capture_hyperparameters, reapply_hyperparameters
+    from so8t.run.console import run_summary
     from so8t.run.folder_manifest import verify_folder
     from so8t.run.metrics import MetricsWriter
+    from so8t.run.trackers import open_trackers
 
     log.info("run dir: %s", run_dir.resolve())
     if os.environ.get("SO8T_DETERMINISTIC") == "1":
@@ -272,13 +260,18 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
     from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
 
     session.start_attempt(cfg.max_steps, identity, step if resumed is not None else None)
-    # Distributed hook: rank 0 writes the run's metrics and samples.
-    metrics = MetricsWriter(run_dir / cfg.logger.metrics_file) if group.is_main else distributed.NullWriter()
-    samples = MetricsWriter(run_dir / cfg.logger.samples_file) if group.is_main else distributed.NullWriter()
+    # Distributed hook: rank 0 writes the run's metrics, trackers and samples.
+    try:
+        trackers = open_trackers(cfg, run_dir, session, step) if group.is_main else distributed.NullWriter()
+    except SetupError:
+        checkpoints.close()
+        session.end_attempt("failed", "refused", EXIT_REFUSED)
+        raise
+    samples = MetricsWriter(run_dir / cfg.output.samples_file) if group.is_main else distributed.NullWriter()
     status, reason, code = "failed", "exception", EXIT_FAILED
     try:
         try:
-            status, reason, code = _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline)
+            status, reason, code = _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline)
             if status == "completed" and cfg.checkpoint.save_on_end:
                 if trainer.group.broadcast(_already_saved(checkpoints, trainer.counters.step)):
                     _record_progress(session, trainer, checkpoints)
@@ -304,11 +297,11 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
                           "intact): run the same command again once there is room", exc)
                 status, reason, code = "failed", "export", EXIT_CHECKPOINTING
                 return code
-            log.info("done: %d updates, %.1f s of training", trainer.counters.step,
-                     trainer.counters.training_time)
+        log.info("%s", run_summary(run_dir, status, trainer.counters.step, cfg.max_steps, step,
+                                   trainer.counters.training_time, cfg.output.metrics_file))
         return code
     finally:
-        metrics.close()
+        trackers.close(status)
         samples.close()
         try:
             checkpoints.close()
@@ -346,8 +339,8 @@ def _record_progress(session, trainer, checkpoints) -> None:
 
 def _write_samples(cfg, trainer, samples) -> None:
     """A few episodes of this update, raw text included, at the first update and every
-    ``logger.samples_every`` updates: where a user checks what the model was given and said."""
-    step, every = trainer.counters.step, cfg.logger.samples_every
+    ``output.samples_every`` updates: where a user checks what the model was given and said."""
+    step, every = trainer.counters.step, cfg.output.samples_every
     if every and (step == 1 or step % every == 0):
         for sample in trainer.samples:
             samples.write({"step": step, **sample})
@@ -373,48 +366,36 @@ def _stop_save(checkpoints, session, trainer, reason: str, deadline: Deadline) -
         _record_progress(session, trainer, checkpoints)
 
 
-def _loop(cfg, trainer, checkpoints, metrics, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
+def _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline: Deadline) -> tuple[str, str, int]:
     """PPO updates until max_steps, a stop signal or the deadline; returns (status, reason, code)."""
-    show = cfg.logger.progress_bars and trainer.group.is_main  # distributed hook: rank 0's bars only
-    # Only around visible bars: the redirection swaps the console handler for one that
-    # ignores its level (a rank other than 0 shows warnings only).
-    with logging_redirect_tqdm() if show else contextlib.nullcontext():
-        steps = tqdm(total=cfg.max_steps, initial=trainer.counters.step, desc="updates", unit="update",
-                     disable=not show, dynamic_ncols=True)
-        epochs = tqdm(total=cfg.ppo.ppo_epochs, desc="ppo epochs", unit="epoch", leave=False,
-                      disable=not show, dynamic_ncols=True)
-        try:
-            while trainer.counters.step < cfg.max_steps:
-                stop.agree()  # distributed hook: every rank stops at the same boundary
-                if stop.requested:
-                    break
-                if deadline.next_step_would_overrun():
-                    log.warning("stopping before max_wall_seconds=%s: the next update and a save might not fit",
-                                cfg.max_wall_seconds)
-                    _stop_save(checkpoints, session, trainer, "deadline", deadline)
-                    return "interrupted", "deadline", EXIT_DEADLINE
-                epochs.reset()
-                row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
-                deadline.observe_step(row["time/step"])
-                metrics.write(row)
-                _write_samples(cfg, trainer, samples)
-                steps.set_postfix(_postfix(row), refresh=False)
-                steps.update(1)
-                log.info(
-                    "step %d: reward %.3f loss %.4f kl %.4f entropy %.3f clip %.3f (%.2fs)",
-                    row["step"], row["reward/mean"], row["loss/total"], row["kl/mean"], row["entropy"],
-                    row["clip_fraction"], row["time/step"],
-                )
-                stop.agree()
-                if stop.requested:
-                    break
-                began = time.monotonic()
-                if checkpoints.maybe_save(trainer.counters.step) is not None:
-                    deadline.observe_save(time.monotonic() - began)
-                _record_progress(session, trainer, checkpoints)
-        finally:
-            epochs.close()
-            steps.close()
+    from so8t.run.console import bar_postfix, log_update, progress_bars
+
+    show = cfg.output.progress_bars if trainer.group.is_main else False  # distributed hook: rank 0's bars
+    with progress_bars(show, cfg.max_steps, trainer.counters.step, cfg.ppo.ppo_epochs) as (steps, epochs):
+        while trainer.counters.step < cfg.max_steps:
+            stop.agree()  # distributed hook: every rank stops at the same boundary
+            if stop.requested:
+                break
+            if deadline.next_step_would_overrun():
+                log.warning("stopping before max_wall_seconds=%s: the next update and a save might not fit",
+                            cfg.max_wall_seconds)
+                _stop_save(checkpoints, session, trainer, "deadline", deadline)
+                return "interrupted", "deadline", EXIT_DEADLINE
+            epochs.reset()
+            row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
+            deadline.observe_step(row["time/step"])
+            trackers.log(row)
+            _write_samples(cfg, trainer, samples)
+            steps.set_postfix(bar_postfix(row), refresh=False)
+            steps.update(1)
+            log_update(row)
+            stop.agree()
+            if stop.requested:
+                break
+            began = time.monotonic()
+            if checkpoints.maybe_save(trainer.counters.step) is not None:
+                deadline.observe_save(time.monotonic() - began)
+            _record_progress(session, trainer, checkpoints)
     if stop.requested:
         log.warning("stop requested by %s: saving at step %d, then exiting with code %d "
                     "(a second Ctrl+C aborts at once)", stop.name, trainer.counters.step, stop.exit_code)

@@ -10,9 +10,9 @@ checkpoint, and a failed one runs again.
 
 Exit codes of a job (so8t.recipe) become, in a sweep:
 
-* 0: the objective, the mean ``reward/mean`` over the last 10 % of the run's updates (see
-  :func:`final_reward`), returned by the task function for Hydra sweepers (Optuna, Nevergrad …)
-  to optimise;
+* 0: the objective, the mean of ``optimized_metric`` (``reward/mean`` by default) over the last
+  10 % of the run's updates (see :func:`final_reward`), returned by the task function for Hydra
+  sweepers (Optuna, Nevergrad …) to optimise;
 * 1 failed, 2 refused, 3 locked: a :class:`JobFailed` exception. Hydra's launchers catch an
   ``Exception`` from a job, record the job as failed and run the other jobs; when all have
   run, Hydra reports the first failure and exits with status 1. (A ``SystemExit`` would
@@ -37,7 +37,8 @@ __all__ = ["JobFailed", "final_reward", "in_multirun", "job_result", "OBJECTIVE_
 
 log = logging.getLogger(__name__)
 
-# The metric the objective averages, and the share of the last updates it averages over.
+# The metric the objective averages unless ``optimized_metric`` names another, and the share of
+# the last updates it averages over.
 OBJECTIVE_METRIC = "reward/mean"
 OBJECTIVE_TAIL = 0.1
 
@@ -86,12 +87,18 @@ def final_reward(run_dir: str | os.PathLike[str], metrics_file: str = "metrics.j
     return sum(values[-count:]) / count
 
 
-def job_result(code: int, run_dir: Path, metrics_file: str = "metrics.jsonl") -> float:
+def job_result(code: int, run_dir: Path, metrics_file: str = "metrics.jsonl",
+               metric: str = OBJECTIVE_METRIC) -> float:
     """Turn a run's exit code into the task function's return value (see the module docstring)."""
     if code == 0:
-        value = final_reward(run_dir, metrics_file)
-        log.info("objective: mean %s over the last %d %% of updates = %.4f",
-                 OBJECTIVE_METRIC, round(100 * OBJECTIVE_TAIL), value)
+        value = final_reward(run_dir, metrics_file, metric)
+        if math.isnan(value):
+            log.warning("optimized_metric=%s: the run logged no value of it; the objective is NaN", metric)
+        else:
+            # A single run's end summary already says how the reward went.
+            log.log(logging.INFO if in_multirun() else logging.DEBUG,
+                    "objective: mean %s over the last %d %% of updates = %.4f",
+                    metric, round(100 * OBJECTIVE_TAIL), value)
         return value
     if code in _JOB_FAILURES and in_multirun():
         raise JobFailed(code, run_dir)

@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from so8t.config import CONF_DIR, register
+from so8t.config import CONF_PACKAGE, register
 from so8t.config.validate import ConfigValidationError, validate
 
 log = logging.getLogger("so8t.train")
@@ -21,7 +21,7 @@ log = logging.getLogger("so8t.train")
 register()
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+@hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="train", version_base="1.3")
 def _run(cfg: DictConfig) -> float:
     """One run (or one job of a ``-m`` sweep); returns the objective, the final mean reward."""
     from so8t.recipe import EXIT_REFUSED, run_dir_of_job
@@ -36,7 +36,31 @@ def _run(cfg: DictConfig) -> float:
         raise SystemExit(_preflight(cfg))
     from so8t.recipe import run_training
 
-    return job_result(run_training(cfg), run_dir_of_job(), cfg.logger.metrics_file)
+    return job_result(run_training(cfg), run_dir_of_job(), cfg.output.metrics_file, cfg.optimized_metric)
+
+
+# Launchers that come with the `sweep` extra: the option names and the plugin they need.
+_LAUNCHER_PLUGINS = {"parallel": "hydra_plugins.hydra_joblib_launcher", "joblib": "hydra_plugins.hydra_joblib_launcher",
+                     "slurm": "hydra_plugins.hydra_submitit_launcher",
+                     "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+                     "submitit_local": "hydra_plugins.hydra_submitit_launcher"}
+
+
+def _missing_launcher(argv: list[str]) -> str | None:
+    """The message for a chosen launcher whose plugin is not installed (Hydra's own error only
+    says that a config was not found)."""
+    import importlib.util
+
+    for arg in argv:
+        key, _, option = arg.partition("=")
+        if key.lstrip("+") == "hydra/launcher" and option in _LAUNCHER_PLUGINS:
+            try:
+                found = importlib.util.find_spec(_LAUNCHER_PLUGINS[option]) is not None
+            except ModuleNotFoundError:  # hydra_plugins itself is absent
+                found = False
+            if not found:
+                return f"hydra/launcher={option} needs the sweep extra: pip install \"so8t[sweep]\""
+    return None
 
 
 def _preflight(cfg: DictConfig) -> int:
@@ -61,6 +85,10 @@ def _preflight(cfg: DictConfig) -> int:
 
 
 def main() -> None:
+    problem = _missing_launcher(sys.argv[1:])
+    if problem:
+        print(f"so8t-train: {problem}", file=sys.stderr)
+        sys.exit(2)
     from so8t.distributed import hydra_overrides_for_rank
 
     # Under torchrun, ranks other than 0 log to train.rank<N>.log and leave .hydra/ to rank 0.

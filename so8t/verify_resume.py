@@ -40,7 +40,7 @@ TIMING_KEYS = ("training_time",)
 def _train(args: list[str], out: Path, env: dict[str, str] | None = None, pause_file: Path | None = None):
     """Run so8t-train; with ``pause_file``, SIGKILL it once it paused after its first save."""
     cmd = [sys.executable, "-m", "so8t.train", *args, f"paths.output_dir={out}", f"run_name={RUN_NAME}",
-           "logger.progress_bars=false"]
+           "output.progress_bars=false"]
     log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed below
     try:
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)

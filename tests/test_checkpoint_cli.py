@@ -12,12 +12,10 @@ once per module and copied.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from safetensors.torch import load_file
 
 from so8t.checkpoint.store import LATEST_FILE, MANIFEST_FILE, TENSORS_FILE, parse_step
 from so8t.run.metrics import read_metrics
+from tests.conftest import cli_argv, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -39,22 +38,14 @@ TIMEOUT = 180  # per process; generous for a loaded 2-core machine
 # ---------------------------------------------------------------------- helpers
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
-
-
-def _argv(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "so8t.train", "logger.progress_bars=false", *overrides]
-
-
 def train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     """Run the CLI to its end; stdout and stderr together in ``.stdout``."""
-    return subprocess.run(_argv(*overrides), cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+    return subprocess.run(cli_argv(*overrides), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
 
 
 def start(cwd: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(_argv(*overrides), cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
+    return subprocess.Popen(cli_argv(*overrides), cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
@@ -103,7 +94,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def metric_rows(run: Path) -> dict[int, dict]:
-    """Rows by step without the wall-clock ``time/*`` keys (they differ between runs)."""
+    """Rows by step without the ``time/*`` durations (measured, so they differ between runs)."""
     return {row["step"]: {k: v for k, v in row.items() if not k.startswith("time/")}
             for row in read_metrics(run / "metrics.jsonl")}
 
@@ -383,7 +374,8 @@ def test_checkpoint_files_are_plain_safetensors(base, tmp_path):
 
     tensors = {
         "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
-        "f64": torch.randn(3, dtype=torch.float64), "i64": torch.arange(5), "i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "f64": torch.randn(3, dtype=torch.float64), "i64": torch.arange(5),
+        "i8": torch.tensor([-1, 2], dtype=torch.int8),
         "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
         "transposed": torch.randn(4, 6).t(),
     }

@@ -10,6 +10,8 @@ import pytest
 
 from so8t.checkpoint import CheckpointStore
 
+pytestmark = pytest.mark.slow  # real processes
+
 # Shared by the child process and the test, so both build the same parts.
 SETUP = textwrap.dedent(
     """

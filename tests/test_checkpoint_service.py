@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import so8t.checkpoint.store as store_module
 from so8t.checkpoint import CheckpointError, CheckpointService
 from so8t.checkpoint.store import LATEST_FILE, MANIFEST_FILE, STATE_FILE, TENSORS_FILE
+from tests.conftest import full_disk
 
 IDENTITY = {"model.hidden": 4, "adapter.kind": "so8", "ppo.lr": 0.01, "seed": 0}
 
@@ -294,27 +294,13 @@ def test_async_retention(tmp_path):
     assert (tmp_path / "checkpoints" / LATEST_FILE).read_text().strip() == "step_00000006"
 
 
-def full_disk_while_writing_tensors(monkeypatch):
-    """Make writing state.safetensors stop half-way with ENOSPC, as a full disk does."""
-    real = store_module._write_durable
-
-    def write(path, data):
-        if path.name == TENSORS_FILE:
-            with open(path, "xb") as f:
-                f.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
-
-    monkeypatch.setattr(store_module, "_write_durable", write)
-
-
 def test_failing_write_keeps_older_checkpoints_and_training_goes_on(tmp_path, monkeypatch, caplog):
     service, parts = make_service(tmp_path)
     service.resume("auto")
     run_steps(service, parts, 0, 2)
 
     with monkeypatch.context() as patch:
-        full_disk_while_writing_tensors(patch)
+        full_disk(patch, TENSORS_FILE)
         train_step(parts)
         with caplog.at_level(logging.ERROR):
             assert service.maybe_save(3) is None
@@ -335,7 +321,7 @@ def test_failing_async_write_is_reported(tmp_path, monkeypatch, caplog):
     service.resume("auto")
     run_steps(service, parts, 0, 1)
     assert service.wait() is None
-    full_disk_while_writing_tensors(monkeypatch)
+    full_disk(monkeypatch, TENSORS_FILE)
     train_step(parts)
     with caplog.at_level(logging.ERROR):
         service.maybe_save(2)

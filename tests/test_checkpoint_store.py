@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 
-import so8t.checkpoint.store as store_module
 from so8t.checkpoint.store import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -20,6 +19,7 @@ from so8t.checkpoint.store import (
     checkpoint_name,
     parse_step,
 )
+from tests.conftest import full_disk
 
 
 def _tensors(value: float = 1.0):
@@ -110,27 +110,13 @@ def test_verify_refuses_file_names_outside_the_folder(tmp_path):
     assert any("invalid file name" in p for p in store.verify(path))
 
 
-def full_disk_while_writing(monkeypatch, file_name):
-    """Make writing ``file_name`` stop half-way with ENOSPC, as a full disk does."""
-    real = store_module._write_durable
-
-    def write(path, data):
-        if path.name == file_name:
-            with open(path, "xb") as f:
-                f.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data)
-
-    monkeypatch.setattr(store_module, "_write_durable", write)
-
-
 @pytest.mark.parametrize("failing_file", [TENSORS_FILE, STATE_FILE, MANIFEST_FILE])
 def test_failed_write_removes_the_temporary_folder_and_keeps_older_checkpoints(tmp_path, monkeypatch, failing_file):
     store = CheckpointStore(tmp_path)
     good = _save(store, 1)
 
     with monkeypatch.context() as patch:
-        full_disk_while_writing(patch, failing_file)
+        full_disk(patch, failing_file)
         with pytest.raises(OSError) as info:
             _save(store, 2)
     assert info.value.errno == errno.ENOSPC

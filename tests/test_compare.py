@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from so8t import compare
-from so8t.config import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 IDENTITY = {"seed": 0, "ppo.clip_range": 0.2, "ppo.optimizer.betas": [0.9, 0.999], "adapter.kind": "so8"}
 
@@ -244,8 +245,11 @@ def test_table_fits_100_columns_and_csv_md_carry_every_column(tmp_path, capsys):
 
     code, out, _ = run_cli(tmp_path, "--format", "md", capsys=capsys)
     lines = out.splitlines()
-    assert lines[0].startswith("| experiment | run | status |") and lines[1].startswith("|---|")
-    assert len(lines) == 5 and all(line.endswith("|") for line in lines)
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:3] == ["experiment", "run", "status"] and "reward/mean@best_step" in header
+    assert set(lines[1]) <= set("|-:") and lines[1].startswith("|-")
+    assert len(lines) == 5 and all(line.startswith("|") and line.endswith("|") for line in lines)
+    assert [c.strip() for c in lines[2].strip("|").split("|")][1] == f"sweeps/s/{long}1"
 
 
 def test_plot_writes_a_png_with_one_panel_per_metric(tree, tmp_path, capsys):
@@ -259,6 +263,7 @@ def test_plot_writes_a_png_with_one_panel_per_metric(tree, tmp_path, capsys):
                                         "clip_range=0.1, seed=0", "clip_range=0.3, seed=0"]
 
 
+@pytest.mark.slow
 def test_imports_no_torch_and_is_a_console_script(tmp_path):
     heavy = ("torch", "transformers", "hydra", "matplotlib")
     code = f"import sys, so8t.compare; print(sorted(m for m in {heavy!r} if m in sys.modules))"
@@ -284,3 +289,13 @@ def test_many_differing_keys_wrap_into_tables_that_fit_100_columns(tmp_path, cap
     assert all("RUN" in table for table in tables)
     assert "reward/mean" in out and "key_number_11" in out and "target_modules" in out
     assert "…" in out  # the long list value is shortened in the middle
+
+
+def test_metrics_come_from_the_runs_own_output_metrics_file(tmp_path, capsys):
+    run = make_run(tmp_path / "outputs" / "default" / "runs" / "custom", rewards=(0.1, 0.2),
+                   config_yaml="seed: 0\nexperiment_name: default\noutput:\n  metrics_file: rows.jsonl\n")
+    (run / "metrics.jsonl").rename(run / "rows.jsonl")
+    code, out, _ = run_cli(tmp_path / "outputs", "--format", "json", capsys=capsys)
+    assert code == 0
+    summary = json.loads(out)["runs"][0]["metrics"]["reward/mean"]
+    assert (summary["last"], summary["best"], summary["best_step"]) == (0.2, 0.2, 2)

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from so8t.config import CONF_DIR, EXPERIMENTS_DIR, register
 from so8t.config.identity import config_identity, is_neutral, name_from_overrides, safe_name
 from so8t.config.validate import ConfigValidationError, validate
+from tests.conftest import compose
 
 register()
-
-
-def _compose(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def _options(group: str) -> list[str]:
@@ -25,7 +19,8 @@ def _options(group: str) -> list[str]:
 
 GROUP_OPTIONS = [
     (group, option)
-    for group in ("model", "adapter", "ppo", "reward", "data", "checkpoint", "hardware", "logger", "paths", "debug")
+    for group in ("model", "adapter", "ppo", "reward", "data", "checkpoint", "hardware", "output", "logger", "paths",
+                  "debug")
     for option in _options(group)
 ]
 # Options that need a value the user must supply before they validate.
@@ -35,28 +30,28 @@ REQUIRED = {("model", "local"): ["model.path=/some/folder"], ("data", "jsonl"): 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = _compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    cfg = compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
     validate(cfg)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
 def test_every_experiment_preset_composes_validates_and_starts_with_its_command(name):
-    cfg = _compose([f"experiment={name}"])
+    cfg = compose([f"experiment={name}"])
     validate(cfg)
     first_line = (EXPERIMENTS_DIR / f"{name}.yaml").read_text().splitlines()[0]
     assert first_line == f"# so8t-train experiment={name}"
 
 
 def test_phi35_preset_selects_the_real_model_and_the_3060_profile():
-    cfg = _compose(["experiment=phi35_rtx3060"])
+    cfg = compose(["experiment=phi35_rtx3060"])
     assert cfg.model.path == "microsoft/Phi-3.5-mini-instruct"
     assert cfg.hardware.device == "cuda" and cfg.hardware.dtype == "bfloat16"
     assert cfg.hardware.micro_batch_size == 1 and cfg.hardware.gradient_checkpointing
 
 
 def test_hardware_profiles_change_only_device_and_memory_knobs():
-    cpu = config_identity(_compose(["hardware=cpu"]))
-    gpu = config_identity(_compose(["hardware=rtx3060"]))
+    cpu = config_identity(compose(["hardware=cpu"]))
+    gpu = config_identity(compose(["hardware=rtx3060"]))
     assert cpu == gpu
 
 
@@ -72,7 +67,7 @@ def test_hardware_profiles_change_only_device_and_memory_knobs():
 )
 def test_unknown_keys_and_wrong_types_fail_at_composition_naming_the_key(override, needle):
     with pytest.raises(ConfigCompositionException) as info:
-        _compose([override])
+        compose([override])
     text = str(info.value) + str(info.value.__cause__ or "")
     assert needle in text
 
@@ -102,21 +97,21 @@ def test_unknown_keys_and_wrong_types_fail_at_composition_naming_the_key(overrid
     ],
 )
 def test_bad_values_fail_validation_naming_the_key(overrides, needle):
-    cfg = _compose(overrides)
+    cfg = compose(overrides)
     with pytest.raises(ConfigValidationError) as info:
         validate(cfg)
     assert needle in str(info.value)
 
 
 def test_validation_reports_every_problem_at_once():
-    cfg = _compose(["ppo.temperature=-1", "ppo.mini_batch_size=5"])
+    cfg = compose(["ppo.temperature=-1", "ppo.mini_batch_size=5"])
     with pytest.raises(ConfigValidationError) as info:
         validate(cfg)
     assert len(info.value.problems) == 2
 
 
 def test_user_reward_term_with_target_validates():
-    cfg = _compose(["+reward.terms.think={weight:0.5,_target_:trl.rewards.think_format_reward}"])
+    cfg = compose(["+reward.terms.think={weight:0.5,_target_:trl.rewards.think_format_reward}"])
     validate(cfg)
     assert cfg.reward.terms.think.weight == 0.5
 
@@ -126,7 +121,7 @@ def test_run_name_ignores_order_and_result_neutral_keys():
     b = name_from_overrides(["ppo.optimizer.learning_rate=1e-5", "checkpoint.every_seconds=5", "seed=2"])
     assert a == b == "ppo.optimizer.learning_rate=1e-5,seed=2"
     assert name_from_overrides([]) == "default"
-    assert name_from_overrides(["max_steps=3", "logger.level=DEBUG", "checkpoint=time"]) == "default"
+    assert name_from_overrides(["max_steps=3", "output.samples_every=3", "checkpoint=time"]) == "default"
 
 
 def test_run_names_are_file_system_safe_and_hashed_when_long():
@@ -139,15 +134,50 @@ def test_run_names_are_file_system_safe_and_hashed_when_long():
 
 
 def test_neutral_keys_cover_hardware_logging_cadence_and_length():
-    for key in ("hardware", "hardware.num_threads", "logger.level", "checkpoint.every_steps", "max_steps", "+max_steps"):
+    for key in ("hardware", "hardware.num_threads", "output.samples_every", "logger.backends", "checkpoint.every_steps",
+                "max_steps", "+max_steps"):
         assert is_neutral(key)
     for key in ("seed", "ppo.temperature", "model.path", "adapter.layers"):
         assert not is_neutral(key)
 
 
 def test_identity_is_flat_and_excludes_neutral_keys():
-    identity = config_identity(_compose())
+    identity = config_identity(compose())
     assert identity["model.source"] == "tiny"
     assert "ppo.optimizer.learning_rate" in identity
-    assert not any(k.startswith(("hardware", "checkpoint", "logger")) for k in identity)
-    assert OmegaConf.is_config(_compose()) and "max_steps" not in identity
+    assert not any(k.startswith(("hardware", "checkpoint", "output", "logger")) for k in identity)
+    assert "max_steps" not in identity and "run_name" not in identity
+    assert not any(isinstance(v, dict) for v in identity.values())
+    # A result-shaping change shows in the identity; result-neutral ones do not.
+    assert config_identity(compose(["seed=1"])) == {**identity, "seed": 1}
+    assert config_identity(compose(["max_steps=7", "hardware.num_threads=1", "logger=tensorboard"])) == identity
+
+
+@pytest.mark.slow
+def test_help_names_the_command_describes_every_group_and_hides_the_schemas():
+    import subprocess
+    import sys
+
+    from so8t.config.help import GROUPS
+
+    folders = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")}
+    assert set(GROUPS) == folders | {"experiment"}, "every config group needs a line in --help"
+    out = subprocess.run([sys.executable, "-m", "so8t.train", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.startswith("so8t-train: ") and "train is powered by Hydra" not in text
+    assert "_schema" not in text
+    for group, what in GROUPS.items():
+        assert f"  {group}" in text and what in text, group
+    assert "options: lora, so8" in text and "options: all, default, mlflow, tensorboard, wandb" in text
+    assert "optimized_metric: reward/mean" in text  # the composed config follows
+
+
+def test_own_presets_on_hydra_searchpath_add_options_to_the_groups(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nppo:\n  clip_range: 0.33\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_phi.yaml").write_text("defaults:\n  - local\n  - _self_\npath: /models/my_phi\n")
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "model=my_phi"])
+    validate(cfg)
+    assert cfg.ppo.clip_range == 0.33 and cfg.model.source == "local" and cfg.model.path == "/models/my_phi"

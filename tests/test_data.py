@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from so8t.config.schema import ArithmeticDataConfig, JsonlDataConfig
-from so8t.data import Prompt, PromptSampler, build_prompts
+from so8t.data import PromptSampler, build_prompts
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"

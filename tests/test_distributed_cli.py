@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name == "nt", reason="POSI
 
 TIMEOUT = 240  # per launch, generous for a loaded 2-core machine
 MAX_STEPS = 30
-RUN = ("logger.progress_bars=false", "hardware.num_threads=1", "ppo.rollout_batch_size=8",
+RUN = ("output.progress_bars=false", "hardware.num_threads=1", "ppo.rollout_batch_size=8",
        "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", f"max_steps={MAX_STEPS}", "checkpoint=step")
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
@@ -64,7 +64,7 @@ class Launch:
             rc = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill_all()
-            raise AssertionError(f"still running after {timeout} s:\n{self.output[-4000:]}")
+            raise AssertionError(f"still running after {timeout} s:\n{self.output[-4000:]}") from None
         self._out.close()
         return rc
 

@@ -169,7 +169,8 @@ def test_a_power_cut_after_any_operation_of_a_save_leaves_the_new_or_the_previou
         assert result is not None, f"power cut after {cut} operations: resume found nothing"
         state = _state_of(parts)
         assert result.step in (1, 2), cut
-        assert _same(state, before if result.step == 1 else after), f"cut {cut}: resumed state is not step {result.step}'s"
+        assert _same(state, before if result.step == 1 else after), \
+            f"cut {cut}: resumed state is not step {result.step}'s"
         outcomes.append(result.step)
     # The cut points cover both sides of the commit: early cuts give step 1, late ones step 2.
     assert outcomes[0] == 1 and outcomes[-1] == 2

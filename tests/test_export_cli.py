@@ -55,7 +55,7 @@ def _env() -> dict:
 
 
 def train(cwd: Path, *overrides: str) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "so8t.train", "logger.progress_bars=false", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "so8t.train", "output.progress_bars=false", *overrides],
                           cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (cwd / "outputs" / "default" / "runs").iterdir()
@@ -138,7 +138,7 @@ def test_so8_run_merged_loads_in_plain_transformers_with_the_policys_logits_and_
     assert max_diff(base.model(input_ids=ids, attention_mask=mask).logits.detach(), ref_logits, mask) > 1e-3
 
     card = (out / "README.md").read_text()
-    assert "so8t-train logger.progress_bars=false max_steps=2 'adapter.layers=[0,-1]' adapter.init_std=0.05" in card
+    assert "so8t-train output.progress_bars=false max_steps=2 'adapter.layers=[0,-1]' adapter.init_std=0.05" in card
     assert "Reward (`reward/mean`) over 2 updates" in card and "Trained: 2 PPO updates" in card
     assert f"so8t-export {so8_run} --merge --out {out}" in card
     assert "init_std: 0.05" in card  # the resolved training config
@@ -391,8 +391,7 @@ def test_an_existing_output_is_kept_unless_forced(so8_run, tmp_path):
 def test_a_failed_write_leaves_no_output_and_no_temporary(so8_run, tmp_path, monkeypatch):
     import errno
 
-    from so8t.export import ExportError, export_policy
-    from so8t.export import exporter
+    from so8t.export import ExportError, export_policy, exporter
 
     def full_disk(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -103,7 +103,7 @@ def test_the_wall_clock_jumping_changes_neither_cadence_nor_resume_order(tmp_pat
 # ---------------------------------------------------------------------- the CLI under failing writes
 
 
-BASE = ("logger.progress_bars=false", "run_name=faults", "max_steps=4", "checkpoint=step", "checkpoint.every_steps=1",
+BASE = ("output.progress_bars=false", "run_name=faults", "max_steps=4", "checkpoint=step", "checkpoint.every_steps=1",
         "checkpoint.max_failed_saves=2", "ppo.rollout_batch_size=8", "ppo.ppo_epochs=1")
 
 

@@ -30,7 +30,7 @@ from so8t.config import CONF_DIR, register
 pytestmark = pytest.mark.slow
 
 ITERATIONS = int(os.environ.get("SO8T_FUZZ_ITERATIONS", "60"))
-RUN_ARGS = ["logger.progress_bars=false", "run_name=fuzz", "checkpoint=step", "checkpoint.every_steps=2",
+RUN_ARGS = ["output.progress_bars=false", "run_name=fuzz", "checkpoint=step", "checkpoint.every_steps=2",
             "ppo.rollout_batch_size=8", "ppo.ppo_epochs=1", "hardware.num_threads=1"]
 EXIT_REFUSED = 2
 WRONG_VALUES = [[], {}, "x", -1, 10**30, 1e308, None, True, [[[]]], {"__tensor__": "nope"}]

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.phi35_style import make_phi35_style_model
 from so8t.run.metrics import read_metrics
+from tests.phi35_style import make_phi35_style_model
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["hardware=cpu", "hardware.dtype=bfloat16", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2",
-         "ppo.max_new_tokens=16", "logger.progress_bars=false", "run_name=phi"]
+         "ppo.max_new_tokens=16", "output.progress_bars=false", "run_name=phi"]
 
 
 def recording_reward(completions, prompts, messages, **kwargs):

@@ -54,7 +54,7 @@ class Proc:
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "so8t.train", "logger.progress_bars=false", *overrides],
+            [sys.executable, "-m", "so8t.train", "output.progress_bars=false", *overrides],
             cwd=cwd, env=dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1"),
             stdout=self._out, stderr=subprocess.STDOUT,
         )
@@ -67,7 +67,7 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
-            raise AssertionError(f"pid {self.pid} still running after {timeout} s:\n{self.output[-3000:]}")
+            raise AssertionError(f"pid {self.pid} still running after {timeout} s:\n{self.output[-3000:]}") from None
         if self.ended is None:
             self.ended = time.monotonic()
         self._out.close()
@@ -112,7 +112,7 @@ def cli(tmp_path):
 
 def run_dir_of(cwd: Path) -> Path:
     """The one run folder: overrides that do not change the result (max_steps, checkpoint.*,
-    max_wall_seconds, logger.*) must not change the folder, or a re-run would not resume."""
+    max_wall_seconds, output.*, logger.*) must not change the folder, or a re-run would not resume."""
     dirs = sorted(cwd.glob("outputs/*/runs/*"))
     assert len(dirs) == 1, dirs
     return dirs[0]
@@ -185,7 +185,8 @@ def assert_signal_stop(run: Path, proc: Proc, rc: int, sig: signal.Signals, rows
 
 def assert_resumed(run: Path, proc: Proc, step: int, reason: str) -> None:
     """train.log and the process output say where the run resumed from."""
-    line = f"resumed from step {step} (checkpoint {run.resolve() / 'checkpoints' / checkpoint_name(step)}, reason {reason})"
+    checkpoint = run.resolve() / "checkpoints" / checkpoint_name(step)
+    line = f"resumed from step {step} (checkpoint {checkpoint}, reason {reason})"
     assert line in proc.output, proc.output[-3000:]
     assert line in train_log(run)
 
@@ -213,7 +214,7 @@ def test_sigint_then_sigusr1_each_save_the_last_step_and_the_rerun_loses_nothing
     for sig in (signal.SIGINT, signal.SIGUSR1):
         proc = cli(f"max_steps={max_steps}", *SLOW, label=sig.name)
         already = rows_written(cli.cwd)
-        wait_until(lambda: rows_written(cli.cwd) >= already + 3, proc, "3 new metrics rows")
+        wait_until(lambda already=already: rows_written(cli.cwd) >= already + 3, proc, "3 new metrics rows")
         rows_at_signal = rows_written(cli.cwd)
         sent = time.monotonic()
         proc.signal(sig)

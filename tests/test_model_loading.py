@@ -275,7 +275,8 @@ def test_local_folder_with_a_foreign_tokenizer_is_refused(tmp_path):
     foreign = build_tiny_tokenizer()
     foreign.add_tokens([f"word{i}" for i in range(40)])  # ids past the model's embedding rows
     folder = _saved_tiny_phi3(tmp_path / "m", tokenizer=foreign)
-    with pytest.raises(ModelNotAvailableError, match=r"tokenizer has ids up to \d+ but the model has only \d+ embedding rows"):
+    with pytest.raises(ModelNotAvailableError,
+                       match=r"tokenizer has ids up to \d+ but the model has only \d+ embedding rows"):
         load_base_model(model_cfg("local", str(folder)))
 
 

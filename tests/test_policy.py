@@ -145,18 +145,29 @@ def test_gradients_reach_adapters_and_value_head_only(kind, checkpointing):
             assert not p.requires_grad and p.grad is None, name
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    grads = []
+def test_gradient_checkpointing_is_on_and_gives_the_same_gradients():
+    grads, layer_calls = [], []
     for checkpointing in (False, True):
         policy, _ = make_policy("so8")
         randomize(policy, std=0.05)
         if checkpointing:
-            policy.enable_gradient_checkpointing()
+            assert policy.enable_gradient_checkpointing()
         policy.train()
+        # A checkpointed layer runs its forward a second time in the backward pass, to rebuild
+        # the activations it did not keep: that is what makes checkpointing save memory. (Counted
+        # on each layer's MLP: transformers checkpoints a layer's forward, not its hooks.)
+        calls = []
+        handles = [layer.mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+                   for layer in policy.base.model.layers]
         ids, mask = batch()
         out = policy(ids, mask)
         (out.logits.logsumexp(-1).mean() + out.values.mean()).backward()
+        for handle in handles:
+            handle.remove()
+        layer_calls.append(len(calls))
         grads.append([p.grad.clone() for p in policy.trainable_parameters()])
+    layers = len(policy.base.model.layers)
+    assert layer_calls == [layers, 2 * layers]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 

@@ -6,22 +6,17 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from so8t.build import build_components
-from so8t.config import CONF_DIR, register
 from so8t.ppo.advantages import gae, last_token_index, masked_whiten, token_rewards
 from so8t.ppo.kl import AdaptiveKLController, FixedKLController
 from so8t.ppo.rollout import response_logits, token_logprobs
 from so8t.ppo.schedules import lr_multiplier
-
-register()
+from tests.conftest import compose
 
 
 def _trainer(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hardware.num_threads=1", *overrides])
-    return build_components(cfg).trainer
+    return build_components(compose(["hardware.num_threads=1", *overrides])).trainer
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -170,14 +165,25 @@ def test_any_configured_stop_token_or_stop_string_ends_a_response():
     assert bool(ro.ended_with_stop.any())
 
 
-def test_missing_stop_is_penalised_and_score_is_the_weighted_reward(first_rollout):
-    trainer, scored = first_rollout
-    ro = scored.rollout
-    penalty = trainer.cfg.missing_eos_penalty
-    completions, _ = trainer._decode_responses(ro)
-    assert len(completions) == ro.response_ids.shape[0]
-    raw = scored.scores + penalty * (~ro.ended_with_stop).float()
-    assert float(raw.mean()) == pytest.approx(scored.stats["reward/mean"], abs=1e-6)
+def indexed_reward(completions, **kwargs):
+    """A reward term whose values are known in advance: 0.1 × the episode's index."""
+    return [0.1 * i for i in range(len(completions))]
+
+
+def test_missing_stop_is_penalised_and_score_is_the_weighted_reward():
+    torch.manual_seed(0)
+    # Short responses, so that some hit max_new_tokens without a stop.
+    trainer = _trainer("~reward.terms.format", "~reward.terms.exact_match", "ppo.max_new_tokens=3",
+                       "ppo.missing_eos_penalty=0.3",
+                       "+reward.terms.indexed={_target_:tests.test_ppo.indexed_reward,weight:0.5}")
+    scored = trainer.make_rollout()
+    ended = scored.rollout.ended_with_stop.tolist()
+    assert not all(ended), "the case needs episodes that hit max_new_tokens"
+    expected = [0.5 * 0.1 * i - (0.0 if stop else 0.3) for i, stop in enumerate(ended)]
+    assert scored.scores.tolist() == pytest.approx(expected, abs=1e-6)
+    # reward/mean is the weighted reward before the missing-stop penalty.
+    n = len(ended)
+    assert scored.stats["reward/mean"] == pytest.approx(sum(0.05 * i for i in range(n)) / n, abs=1e-6)
 
 
 @pytest.mark.parametrize("layers", ["null", "[-1]"])  # [-1]: the PPO forwards start from a frozen prefix
@@ -185,8 +191,9 @@ def test_missing_stop_is_penalised_and_score_is_the_weighted_reward(first_rollou
 def test_bf16_ratio_is_exactly_one_at_the_start_only_with_recompute(recompute, layers):
     torch.manual_seed(0)
     trainer = _trainer("hardware.dtype=bfloat16", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8",
-                       "hardware.micro_batch_size=4", "ppo.max_new_tokens=12", f"ppo.recompute_old_logprobs={recompute}",
-                       f"adapter.layers={layers}", "hardware.rollout_micro_batch_size=8")
+                       "hardware.micro_batch_size=4", "ppo.max_new_tokens=12",
+                       f"ppo.recompute_old_logprobs={recompute}", f"adapter.layers={layers}",
+                       "hardware.rollout_micro_batch_size=8")
     row = trainer.train_step()
     if recompute:
         # Old log-probs from the very forward the first mini-batch trains with: ratio 1, KL 0.

@@ -51,7 +51,7 @@ def _cfg(*overrides):
 
 def run_cli(cwd: Path, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "so8t.train", "logger.progress_bars=false", *overrides],
+    return subprocess.run([sys.executable, "-m", "so8t.train", "output.progress_bars=false", *overrides],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -19,7 +19,7 @@ from so8t.run.folder_manifest import verify_folder
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name == "nt", reason="POSIX signals")]
 
 TIMEOUT = 300
-ARGS = ("logger.progress_bars=false", "checkpoint=step", "checkpoint.every_steps=2", "ppo.rollout_batch_size=8",
+ARGS = ("output.progress_bars=false", "checkpoint=step", "checkpoint.every_steps=2", "ppo.rollout_batch_size=8",
         "ppo.ppo_epochs=1")
 
 
@@ -124,7 +124,7 @@ def _wait_for_rows(run: Path, proc: subprocess.Popen, rows: int = 1) -> None:
 def test_a_signal_whose_save_fails_still_exits_with_the_signal_code(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", SO8T_FAIL_AT="checkpoint.tensors")
     out = open(tmp_path / "out.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "so8t.train", "logger.progress_bars=false", "run_name=sig",
+    proc = subprocess.Popen([sys.executable, "-m", "so8t.train", "output.progress_bars=false", "run_name=sig",
                              "max_steps=500", "checkpoint=step", "checkpoint.every_steps=400",
                              "ppo.rollout_batch_size=64"], cwd=tmp_path, env=env, stdout=out,
                             stderr=subprocess.STDOUT)
@@ -146,7 +146,7 @@ def test_a_signal_whose_save_fails_still_exits_with_the_signal_code(tmp_path):
 
 def test_a_deadline_whose_save_fails_exits_75_and_ends_the_sweep(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "so8t.train", "-m", "logger.progress_bars=false", "max_steps=50",
+        [sys.executable, "-m", "so8t.train", "-m", "output.progress_bars=false", "max_steps=50",
          "max_wall_seconds=1", "checkpoint=step", "checkpoint.every_steps=40", "ppo.rollout_batch_size=8",
          "ppo.ppo_epochs=1", "seed=1,2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=TIMEOUT, env=dict(os.environ, PYTHONUNBUFFERED="1", SO8T_FAIL_AT="checkpoint.tensors"))
@@ -184,7 +184,7 @@ def test_a_stop_right_after_a_cadence_save_does_not_write_the_step_twice(tmp_pat
 def test_a_rival_refused_with_exit_3_leaves_the_live_runs_hydra_record_and_log_alone(tmp_path):
     run = tmp_path / "outputs" / "default" / "runs" / "live"
     out = open(tmp_path / "holder.log", "w")
-    holder = subprocess.Popen([sys.executable, "-m", "so8t.train", "logger.progress_bars=false", "run_name=live",
+    holder = subprocess.Popen([sys.executable, "-m", "so8t.train", "output.progress_bars=false", "run_name=live",
                                "max_steps=8", "ppo.rollout_batch_size=8"], cwd=tmp_path, stdout=out,
                               stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:

@@ -33,7 +33,7 @@ STRING_ALTERNATIVES = {"constant": "linear", "linear": "cosine", "cosine": "line
 def compose_cfg(*overrides: str):
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=["logger.progress_bars=false", "hardware.num_threads=1", *overrides])
+        return compose("train", overrides=["output.progress_bars=false", "hardware.num_threads=1", *overrides])
 
 
 def save_after(cfg, run_dir, steps: int):

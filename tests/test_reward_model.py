@@ -342,10 +342,11 @@ def test_cuda_device_without_cuda_is_refused(plain_rm):
         build_reward(term_cfg(plain_rm[0], device="cuda"))
 
 
+@pytest.mark.slow
 def test_cli_exits_2_naming_the_reward_model_folder(tmp_path):
     missing = tmp_path / "absent_rm"
     proc = subprocess.run(
-        [sys.executable, "-m", "so8t.train", "logger.progress_bars=false", "reward=model",
+        [sys.executable, "-m", "so8t.train", "output.progress_bars=false", "reward=model",
          f"reward.terms.reward_model.kwargs.path={missing}", "max_steps=1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
@@ -355,9 +356,10 @@ def test_cli_exits_2_naming_the_reward_model_folder(tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_cli_trains_with_a_reward_model(tmp_path, plain_rm):
     proc = subprocess.run(
-        [sys.executable, "-m", "so8t.train", "logger.progress_bars=false", "reward=model",
+        [sys.executable, "-m", "so8t.train", "output.progress_bars=false", "reward=model",
          f"reward.terms.reward_model.kwargs.path={plain_rm[0]}", "reward.terms.reward_model.kwargs.batch_size=3",
          "max_steps=2", "ppo.rollout_batch_size=8", "ppo.ppo_epochs=1", "run_name=rm"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,

@@ -28,6 +28,23 @@ def _start_holder(run_dir):
     return proc
 
 
+TRY = """
+import sys
+from so8t.run.lock import RunLock, RunLockedError
+try:
+    RunLock(sys.argv[1]).acquire()
+except RunLockedError:
+    print("REFUSED")
+else:
+    print("ACQUIRED")
+"""
+
+
+def _try_in_child(run_dir) -> str:
+    out = subprocess.run([sys.executable, "-c", TRY, str(run_dir)], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip()
+
+
 def _dead_pid():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -55,6 +72,7 @@ def test_second_lock_in_same_process_is_refused_with_holder(tmp_path):
     RunLock(tmp_path).acquire()  # free again after release
 
 
+@pytest.mark.slow
 def test_live_process_blocks_us_then_kill_9_frees_the_lock(tmp_path, caplog):
     proc = _start_holder(tmp_path)
     try:
@@ -70,6 +88,7 @@ def test_live_process_blocks_us_then_kill_9_frees_the_lock(tmp_path, caplog):
     assert f"previous holder pid {proc.pid}" in caplog.text
 
 
+@pytest.mark.slow
 def test_stale_record_of_dead_pid_is_taken_over(tmp_path, caplog):
     dead = _dead_pid()
     (tmp_path / ".lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x"}))
@@ -89,12 +108,18 @@ def test_release_keeps_a_record_that_is_not_ours(tmp_path):
     assert (tmp_path / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_acquire_twice_is_idempotent(tmp_path):
     lock = RunLock(tmp_path)
     lock.acquire()
     lock.acquire()
+    assert lock.read_holder()["pid"] == os.getpid()
+    assert _try_in_child(tmp_path) == "REFUSED"  # still held: another process is refused
     lock.release()
     lock.release()
+    assert not (tmp_path / ".lock").exists()  # our record is gone after the first release
+    with RunLock(tmp_path) as again:  # and the run dir is free
+        assert again.read_holder()["pid"] == os.getpid()
 
 
 def test_release_from_another_thread(tmp_path):

@@ -12,6 +12,8 @@ import pytest
 
 from so8t.run.signals import StopSignal, default_stop_signals
 
+pytestmark = pytest.mark.slow  # real processes
+
 posix_only = pytest.mark.skipif(os.name == "nt", reason="os.kill with arbitrary signals is POSIX-only")
 
 # A stand-in for the training loop: poll the flag at each "step boundary", then exit with the

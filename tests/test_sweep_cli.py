@@ -25,11 +25,13 @@ from omegaconf import OmegaConf
 from so8t.config import CONF_DIR, register, sweep_name_of
 from so8t.run.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # real processes
+
 register()
 
 MAX_STEPS = 16
 SWEEP = ("seed=1,2", "ppo.clip_range=0.1,0.2")
-COMMON = ("logger.progress_bars=false", f"max_steps={MAX_STEPS}", "checkpoint.every_steps=2",
+COMMON = ("output.progress_bars=false", f"max_steps={MAX_STEPS}", "checkpoint.every_steps=2",
           "hardware.num_threads=1")
 SWEEP_DIR = Path("outputs/default/sweeps/ppo.clip_range=0.1,0.2,seed=1,2")
 JOBS = sorted(f"ppo.clip_range={c},seed={s}" for c in ("0.1", "0.2") for s in (1, 2))
@@ -189,7 +191,7 @@ def test_joblib_launcher_runs_two_jobs_side_by_side_and_a_failed_job_spares_the_
     # Four jobs, two at a time: the two with ppo.clip_range=-1 fail validation.
     proc = subprocess.run(
         _sweep_cmd("hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "sweep_name=par/allel",
-                   "logger.progress_bars=false", "max_steps=8", "hardware.num_threads=1",
+                   "output.progress_bars=false", "max_steps=8", "hardware.num_threads=1",
                    "ppo.clip_range=0.2,-1", "seed=3,4"),
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
@@ -284,6 +286,12 @@ def test_objective_is_the_mean_reward_of_the_last_tenth(tmp_path, monkeypatch):
     assert sweep.final_reward(tmp_path) == (19.0 + 40.0) / 2
     assert math.isnan(sweep.final_reward(tmp_path / "nowhere"))
     assert sweep.job_result(0, tmp_path) == (19.0 + 40.0) / 2
+    # optimized_metric picks another metric for the sweeper; one the run never logged gives NaN.
+    with MetricsWriter(tmp_path / "other.jsonl") as writer:
+        for step in range(1, 11):
+            writer.write({"step": step, "reward/mean": 0.0, "kl/mean": step / 10})
+    assert sweep.job_result(0, tmp_path, "other.jsonl", "kl/mean") == 1.0
+    assert math.isnan(sweep.job_result(0, tmp_path, "other.jsonl", "no/such_metric"))
     monkeypatch.setattr(sweep, "in_multirun", lambda: True)
     for code in (1, 2, 3):
         with pytest.raises(sweep.JobFailed) as failed:  # an Exception: the launcher goes on
@@ -299,3 +307,18 @@ def test_objective_is_the_mean_reward_of_the_last_tenth(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as info:
         sweep.job_result(2, tmp_path)
     assert info.value.code == 2
+
+
+def test_a_launcher_without_its_plugin_is_refused_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    from so8t import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.") else real(name, *a))
+    assert train._missing_launcher(["-m", "hydra/launcher=parallel", "seed=1,2"]) == (
+        'hydra/launcher=parallel needs the sweep extra: pip install "so8t[sweep]"')
+    assert train._missing_launcher(["hydra/launcher=basic", "seed=1"]) is None
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert train._missing_launcher(["-m", "hydra/launcher=slurm"]) is None  # installed here

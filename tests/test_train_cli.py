@@ -15,21 +15,25 @@ import pytest
 import so8t
 from so8t.run.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # real processes
+
 METRIC_KEYS = {"step", "reward/mean", "loss/total", "loss/policy_loss", "loss/value_loss", "kl/mean", "entropy",
                "clip_fraction", "lr", "time/step"}
 
 
-def run_cli(cwd: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(cwd: Path, *overrides: str, timeout: float = 300, bars: str = "false") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "so8t.train", "logger.progress_bars=false", *overrides],
+    bars_override = [] if bars == "auto" else [f"output.progress_bars={bars}"]
+    return subprocess.run([sys.executable, "-m", "so8t.train", *bars_override, *overrides],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
+    """The plain default command, its output piped (not a terminal), as a CI or SLURM log has it."""
     cwd = tmp_path_factory.mktemp("default_run")
     started = time.monotonic()
-    proc = run_cli(cwd)
+    proc = run_cli(cwd, bars="auto")
     return cwd, proc, time.monotonic() - started
 
 
@@ -39,13 +43,39 @@ def test_default_run_completes_and_writes_log_metrics_and_final(default_run):
     assert seconds < 180
     run_dir = cwd / "outputs" / "default" / "runs" / "default"
     log_text = (run_dir / "train.log").read_text()
-    assert "step 60: reward" in log_text and "done: 60 updates" in log_text
+    assert "step 60: reward" in log_text and "run completed" in log_text
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 61))
     assert METRIC_KEYS <= set(rows[0])
     for name in ("adapter.safetensors", "value_head.safetensors", "policy.json", "tokenizer"):
         assert (run_dir / "final" / name).exists(), name
     assert json.loads((run_dir / "session.json").read_text())["status"] == "completed"
+
+
+def test_console_shows_events_and_summary_but_no_per_update_lines_or_bars_off_a_terminal(default_run):
+    cwd, proc, _ = default_run
+    console = proc.stdout + proc.stderr
+    run_dir = (cwd / "outputs" / "default" / "runs" / "default").resolve()
+    assert "step 1: reward" not in console and "step 60: reward" not in console
+    assert "updates:" not in console and "ppo epochs:" not in console  # tqdm bars, off without a terminal
+    assert "starting fresh at step 0" in console and "Saved checkpoint step_00000060" in console
+    assert "Loading weights" not in console  # transformers' bars are off too
+    summary = console[console.index("run completed"):]
+    assert str(run_dir) in summary and "60 of 60" in summary
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert f"{rows[0]['reward/mean']:.3f} (update 1) → {rows[-1]['reward/mean']:.3f} (update 60)" in summary
+    assert f"final policy {run_dir / 'final'}" in summary
+    assert "step 60" in summary.split("checkpoints", 1)[1].splitlines()[0]
+
+
+def test_bars_show_when_asked_for_and_hydra_verbose_sets_the_log_level(tmp_path):
+    proc = run_cli(tmp_path, "debug=fast", "hydra.verbose=so8t", bars="true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "updates: 100%" in proc.stderr and "3/3" in proc.stderr
+    assert "step 3: reward" not in proc.stdout + proc.stderr
+    assert "[DEBUG] Committed checkpoint " in proc.stdout and "[DEBUG] objective: mean reward/mean" in proc.stdout
+    quiet = run_cli(tmp_path, "debug=fast", "max_steps=4", "hydra.job_logging.root.level=WARNING")
+    assert quiet.returncode == 0 and "[INFO]" not in quiet.stdout, quiet.stdout[-2000:]
 
 
 def test_default_run_reward_rises(default_run):
@@ -157,7 +187,8 @@ def _broken_model_folder(folder: Path, problem: str) -> Path:
     tok = build_tiny_tokenizer()
     hidden = 36 if problem == "hidden size" else 32
     torch.manual_seed(0)
-    Phi3ForCausalLM(build_tiny_config(hidden_size=hidden, num_heads=4, num_layers=1, tokenizer=tok)).save_pretrained(folder)
+    config = build_tiny_config(hidden_size=hidden, num_heads=4, num_layers=1, tokenizer=tok)
+    Phi3ForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     if problem == "no weights":
         (folder / "model.safetensors").unlink()

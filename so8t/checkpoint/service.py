@@ -458,7 +458,8 @@ class CheckpointService:
         found_path, loaded, rejected = _find_explicit(Path(path))
         return self._restore(found_path, loaded, rejected, identity)
 
-    def _restore(self, path: Path, loaded: tuple, rejected: list[tuple[Path, list[str]]], identity: dict) -> ResumeResult:
+    def _restore(self, path: Path, loaded: tuple, rejected: list[tuple[Path, list[str]]],
+                 identity: dict) -> ResumeResult:
         tensors, skeleton, manifest = loaded
         saved_world = manifest.get("world_size") or 1
         saved_world = saved_world if isinstance(saved_world, int) else 1

@@ -5,6 +5,7 @@ Importing this module is cheap (no torch): config errors must be reported in sec
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,12 @@ from omegaconf import OmegaConf
 from so8t.config import schema
 from so8t.config.identity import name_from_overrides, safe_name
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+# conf/ and experiments/ are shipped as the packages so8t.conf and so8t.experiments (see
+# pyproject.toml), so they are found the same way in a wheel and in an editable install.
+CONF_PACKAGE = "so8t.conf"
+EXPERIMENTS_PACKAGE = "so8t.experiments"
+CONF_DIR = Path(str(resources.files(CONF_PACKAGE)))
+EXPERIMENTS_DIR = Path(str(resources.files(EXPERIMENTS_PACKAGE)))
 
 _registered = False
 
@@ -103,6 +107,9 @@ def register() -> None:
     # registering them here is what makes `experiment=NAME` find them.
     for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
         cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")
+    from so8t.config.help import help_config
+
+    cs.store(group="hydra/help", name="so8t", node=help_config(CONF_DIR, EXPERIMENTS_DIR))
     OmegaConf.register_new_resolver("so8t_run_name", _auto_run_name, replace=True)
     OmegaConf.register_new_resolver("so8t_sweep_name", _auto_sweep_name, replace=True)
     _registered = True

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from so8t.config.logger_schema import LoggerConfig
+
 
 @dataclass
 class ModelConfig:
@@ -187,9 +189,9 @@ class HardwareConfig:
 
 
 @dataclass
-class LoggerConfig:
-    progress_bars: bool = True
-    level: str = "INFO"
+class OutputConfig:
+    # null: bars only when the output is a terminal.
+    progress_bars: Optional[bool] = None
     metrics_file: str = "metrics.jsonl"
     samples_file: str = "samples.jsonl"
     samples_every: int = 10
@@ -217,8 +219,11 @@ class TrainConfig:
     data: Any = MISSING
     checkpoint: CheckpointConfig = MISSING
     hardware: HardwareConfig = MISSING
+    output: OutputConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
+    # The metric a Hydra sweeper optimises (see so8t.sweep).
+    optimized_metric: str = "reward/mean"
 
 
 # Schemas by group option kind, used by validation to re-check nodes typed ``Any`` above.

@@ -131,7 +131,8 @@ def _check_data(cfg: DictConfig, problems: list[str]) -> None:
         _positive(cfg, "data.num_prompts", problems)
         _positive(cfg, "data.min_operand", problems, allow_zero=True)
         if cfg.data.max_operand < cfg.data.min_operand:
-            problems.append(f"data.max_operand={cfg.data.max_operand} must be >= data.min_operand={cfg.data.min_operand}")
+            problems.append(f"data.max_operand={cfg.data.max_operand} must be >= "
+                            f"data.min_operand={cfg.data.min_operand}")
     elif cfg.data.get("source") == "jsonl":
         if OmegaConf.is_missing(cfg.data, "path"):
             problems.append("data.path must be set for data=jsonl (data.path=/path/to/prompts.jsonl)")
@@ -178,14 +179,30 @@ def _check_reward(cfg: DictConfig, problems: list[str]) -> None:
     _positive(cfg, "reward.clip", problems)
 
 
+def _check_logger(cfg: DictConfig, problems: list[str]) -> None:
+    """Known tracker backends whose package is installed: a missing one fails in seconds,
+    before any model is loaded, with the command that installs it."""
+    import importlib.util
+
+    from so8t.config.logger_schema import TRACKER_BACKENDS, TRACKER_PACKAGES
+
+    for backend in cfg.logger.backends:
+        if backend not in TRACKER_BACKENDS:
+            problems.append(f"logger.backends: {backend!r} is not one of {list(TRACKER_BACKENDS)}")
+        elif backend in TRACKER_PACKAGES and importlib.util.find_spec(TRACKER_PACKAGES[backend]) is None:
+            problems.append(f"logger.backends lists {backend!r}, but the {TRACKER_PACKAGES[backend]} package is "
+                            f"not installed: pip install \"so8t[{backend}]\"")
+    _one_of(cfg, "logger.wandb.mode", (None, "online", "offline", "disabled"), problems)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigValidationError listing every problem found, each naming its key."""
     problems: list[str] = []
     # `+key=value` overrides bypass Hydra's struct check, so unknown keys are looked for here too.
     top = OmegaConf.structured(schema.TrainConfig(
         model=schema.ModelConfig(), ppo=schema.PPOConfig(), reward=schema.RewardConfig(),
-        checkpoint=schema.CheckpointConfig(), hardware=schema.HardwareConfig(), logger=schema.LoggerConfig(),
-        paths=schema.PathsConfig(),
+        checkpoint=schema.CheckpointConfig(), hardware=schema.HardwareConfig(), output=schema.OutputConfig(),
+        logger=schema.LoggerConfig(), paths=schema.PathsConfig(),
     ))
     for key in _unknown_keys(cfg, top):
         if key.split(".", 1)[0] not in ("adapter", "data", "hydra", "preflight"):
@@ -204,8 +221,8 @@ def validate(cfg: DictConfig) -> None:
     for check in (_check_model, _check_adapter, _check_ppo, _check_reward, _check_data,
                   _check_hardware, _check_checkpoint):
         check(cfg, problems)
-    _one_of(cfg, "logger.level", ("DEBUG", "INFO", "WARNING", "ERROR"), problems)
-    _positive(cfg, "logger.samples_every", problems, allow_zero=True)
-    _positive(cfg, "logger.samples_per_step", problems, allow_zero=True)
+    _positive(cfg, "output.samples_every", problems, allow_zero=True)
+    _positive(cfg, "output.samples_per_step", problems, allow_zero=True)
+    _check_logger(cfg, problems)
     if problems:
         raise ConfigValidationError(problems)

@@ -77,7 +77,9 @@ def run_record(run_dir: Path | None) -> dict[str, Any]:
         cfg = OmegaConf.load(hydra_dir / "config.yaml")
         # run_name is computed by a resolver that only exists inside a Hydra job.
         cfg.run_name = run_dir.name
-        metrics_file = str(OmegaConf.select(cfg, "logger.metrics_file", default=metrics_file))
+        metrics_file = str(OmegaConf.select(cfg, "output.metrics_file", default=None)
+                           # runs written before the output group was split from logger
+                           or OmegaConf.select(cfg, "logger.metrics_file", default=metrics_file))
         try:
             record["config_yaml"] = OmegaConf.to_yaml(cfg, resolve=True)
         except Exception:  # another interpolation that needs Hydra: show it unresolved
@@ -115,7 +117,8 @@ def render_card(trained, facts: CardFacts, out_name: str) -> str:
         f"* Architecture: `{facts.architecture}`, weights in `{facts.dtype}`",
         f"* Adapter: {_adapter_text(adapter, trained.gate, facts.layout)}",
         f"* Trained: {trained.step if trained.step is not None else 'unknown'} PPO updates "
-        f"(exported from the run's {'`final/`' if trained.source_kind == 'final' else 'checkpoint `' + trained.source.name + '`'})",
+        "(exported from the run's "
+        f"{'`final/`' if trained.source_kind == 'final' else 'checkpoint `' + trained.source.name + '`'})",
     ]
     if facts.check is not None:
         lines.append(

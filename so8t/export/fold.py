@@ -190,7 +190,7 @@ def _fold_writer(linear: nn.Linear, basis: torch.Tensor) -> None:
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     norm = getattr(decoder, "norm", None)
     if norm is None:
         raise FoldError(f"cannot find the final norm of {type(model).__name__} (expected .model.norm)")

@@ -1,4 +1,4 @@
-"""Schedule of the SO(8) adapters' residual gate ``g`` (``h' = h + g·(R h − h)``).
+"""Schedule of the SO(8) adapters' residual gate ``g`` (docs/architecture.md).
 
 The trainer asks ``value(step)`` at each step and hands it to ``adapters.set_gate``. The
 schedule is a stateful part of the trainer (``state_dict``/``load_state_dict``), so a

@@ -7,8 +7,8 @@ weights, which we would otherwise hand-write. We keep calling the *underlying* H
 (``LoraAdapters.model``, the very object that was passed in) for forward and generate:
 its layers now carry LoRA, so the wrapper's own forward is not needed.
 
-``peft`` is imported inside ``attach_lora`` because importing it costs seconds
-and SO(8) runs never need it.
+``peft`` is imported inside ``attach_lora`` because importing it costs seconds and SO(8)
+runs never need it (docs/architecture.md, "LoRA").
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class LoraAdapters:
 
         ``save_embedding_layers=False``: with ``lm_head`` among the targets PEFT would
         otherwise also save the frozen base ``lm_head`` matrix (vocab x hidden), which is
-        part of the base model, not of the adapter (checkpoints hold the trainable state only).
+        part of the base model, not of the adapter (docs/checkpoint-format.md: only the
+        trainable state is stored).
         """
         from peft import get_peft_model_state_dict
 
@@ -87,7 +88,7 @@ def attach_lora(
     """Inject LoRA into ``model`` in place and freeze its base weights.
 
     ``target_modules`` are module-name suffixes as in PEFT; include ``lm_head`` for small
-    models (without it the tiny model did not learn).
+    models (without it the tiny model did not learn; docs/architecture.md, "LoRA").
     """
     from peft import LoraConfig, get_peft_model
 

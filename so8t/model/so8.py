@@ -1,4 +1,4 @@
-"""SO(8) residual rotation adapters.
+"""SO(8) residual rotation adapters (docs/architecture.md, "SO(8) residual rotation adapters").
 
 The hidden state is split into blocks of 8 channels. Each block gets a rotation
 ``R = exp(A)`` with ``A`` a learnable skew-symmetric 8x8 matrix (28 free numbers), so ``R``

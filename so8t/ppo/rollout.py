@@ -112,7 +112,8 @@ def sample_responses(
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-        out = policy(token[:, None], mask, position_ids=next_position, past_key_values=out.past_key_values, use_cache=True)
+        out = policy(token[:, None], mask, position_ids=next_position, past_key_values=out.past_key_values,
+                     use_cache=True)
         next_position = next_position + 1
     response_mask = torch.stack(real, dim=1).long()
     return Rollout(

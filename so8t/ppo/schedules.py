@@ -20,7 +20,8 @@ def lr_multiplier(step: int, kind: str, warmup_steps: int, total_steps: int) -> 
     raise ValueError(f"ppo.optimizer.lr_schedule={kind!r} must be constant, linear or cosine")
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, opt_cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, opt_cfg,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     kind, warmup = opt_cfg.lr_schedule, opt_cfg.warmup_steps
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, kind, warmup, total_steps)

@@ -372,7 +372,8 @@ class PPOTrainer:
             loss = loss - cfg.ent_coef * entropy_sum * token_weight
         return loss, parts, entropy_sum.detach(), float(mask.sum())
 
-    def ppo_epoch(self, scored: ScoredRollout, stats: dict[str, list[float]], order: torch.Tensor | None = None) -> None:
+    def ppo_epoch(self, scored: ScoredRollout, stats: dict[str, list[float]],
+                  order: torch.Tensor | None = None) -> None:
         cfg = self.cfg
         n = scored.rollout.response_ids.shape[0]
         order = order if order is not None else torch.randperm(n, device=self.device)
@@ -469,7 +470,8 @@ class PPOTrainer:
         self.counters.training_time += step_time
 
         row = {"step": self.counters.step, **scored.stats}
-        row.update({f"loss/{k}" if k in ("policy_loss", "value_loss") else k: sum(v) / len(v) for k, v in stats.items()})
+        row.update({f"loss/{k}" if k in ("policy_loss", "value_loss") else k: sum(v) / len(v)
+                    for k, v in stats.items()})
         row["loss/total"] = row.pop("loss")
         row["lr"] = lr
         row["episodes"] = self.counters.episodes

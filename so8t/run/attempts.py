@@ -1,7 +1,7 @@
 """Per-attempt copies of Hydra's config files.
 
 Hydra rewrites ``run_dir/.hydra/{config,hydra,overrides}.yaml`` each time a job starts in the
-same folder, so after a resume with a new override (say ``trainer.max_steps=2000``) the old
+same folder, so after a resume with a new override (say ``max_steps=2000``) the old
 overrides would be gone. ``archive_hydra_config`` copies them into ``run_dir/attempts/NNN/``
 once per attempt, so the history of what each process ran with is kept.
 

@@ -244,7 +244,8 @@ def _check_session(data: Any) -> None:
         index = attempt.get("index", 0)
         if not isinstance(index, int) or isinstance(index, bool):
             raise ValueError(f"attempt index {index!r} is not a number")
-    for key, kinds in (("global_step", (int, type(None))), ("total_training_time", (int, float)), ("status", (str, type(None))),
+    for key, kinds in (("global_step", (int, type(None))), ("total_training_time", (int, float)),
+                       ("status", (str, type(None))),
                        ("last_checkpoint", (dict, type(None)))):
         if key in data and (not isinstance(data[key], kinds) or isinstance(data[key], bool)):
             raise ValueError(f"{key} has the wrong type")
