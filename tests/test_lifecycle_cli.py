@@ -405,7 +405,10 @@ def test_session_and_attempts_tell_three_attempts_sigterm_kill9_finish(cli):
 
 def test_max_wall_seconds_stops_in_time_with_a_deadline_checkpoint(cli):
     limit = 12
-    first = cli("max_steps=100000", f"max_wall_seconds={limit}", label="deadline")
+    # No cadence saves: the checkpoint at the stop is the deadline's own (a stop does not save a
+    # step twice, so one landing on a cadence step would keep the cadence's reason).
+    cadence = ("checkpoint=time", "checkpoint.every_seconds=3600")
+    first = cli("max_steps=100000", f"max_wall_seconds={limit}", *cadence, label="deadline")
     rc = first.wait()
     assert rc == EXIT_DEADLINE, f"exit {rc}:\n{first.output[-3000:]}"
     run = run_dir_of(cli.cwd)
@@ -424,7 +427,7 @@ def test_max_wall_seconds_stops_in_time_with_a_deadline_checkpoint(cli):
     assert "stopping before max_wall_seconds" in train_log(run)
 
     # The same command with a lower max_steps (above the stop) continues from there.
-    second = cli(f"max_steps={k + 3}", f"max_wall_seconds={limit}", label="rerun")
+    second = cli(f"max_steps={k + 3}", f"max_wall_seconds={limit}", *cadence, label="rerun")
     assert second.wait() == 0, second.output[-3000:]
     assert_resumed(run, second, k, "deadline")
     assert_complete(run, k + 3)
