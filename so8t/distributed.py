@@ -100,36 +100,28 @@ class Group:
 
     def max_float(self, value: float) -> float:
         """The largest ``value`` any rank passed."""
-        if not self.enabled:
-            return float(value)
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return float(tensor.item())
+        return float(self._one_number(float(value), "max")) if self.enabled else float(value)
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` any rank passed."""
-        if not self.enabled:
-            return int(value)
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor([int(value)], dtype=torch.int64, device=self._device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return int(tensor.item())
+        return int(self._one_number(int(value), "max")) if self.enabled else int(value)
 
     def broadcast_int(self, value: int) -> int:
         """Rank 0's ``value`` on every rank."""
-        if not self.enabled:
-            return int(value)
+        return int(self._one_number(int(value), "broadcast")) if self.enabled else int(value)
+
+    def _one_number(self, value: float | int, how: str) -> float | int:
+        """One number through one collective: the largest over the ranks, or rank 0's."""
         import torch
         import torch.distributed as dist
 
-        tensor = torch.tensor([int(value)], dtype=torch.int64, device=self._device())
-        dist.broadcast(tensor, src=0)
-        return int(tensor.item())
+        dtype = torch.float64 if isinstance(value, float) else torch.int64
+        tensor = torch.tensor([value], dtype=dtype, device=self._device())
+        if how == "max":
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        else:
+            dist.broadcast(tensor, src=0)
+        return tensor.item()
 
     def gather_rows(self, tensor):
         """Every rank's ``tensor`` concatenated along dim 0, in rank order (equal shapes)."""
