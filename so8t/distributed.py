@@ -100,30 +100,16 @@ class Group:
 
         return self.sum(torch.tensor(values, dtype=torch.float64, device=self._device())).tolist()
 
-    def max_float(self, value: float) -> float:
-        """The largest ``value`` any rank passed."""
-        return float(self._one_number(float(value), "max")) if self.enabled else float(value)
-
     def max_int(self, value: int) -> int:
         """The largest ``value`` any rank passed."""
-        return int(self._one_number(int(value), "max")) if self.enabled else int(value)
-
-    def broadcast_int(self, value: int) -> int:
-        """Rank 0's ``value`` on every rank."""
-        return int(self._one_number(int(value), "broadcast")) if self.enabled else int(value)
-
-    def _one_number(self, value: float | int, how: str) -> float | int:
-        """One number through one collective: the largest over the ranks, or rank 0's."""
+        if not self.enabled:
+            return int(value)
         import torch
         import torch.distributed as dist
 
-        dtype = torch.float64 if isinstance(value, float) else torch.int64
-        tensor = torch.tensor([value], dtype=dtype, device=self._device())
-        if how == "max":
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        else:
-            dist.broadcast(tensor, src=0)
-        return tensor.item()
+        tensor = torch.tensor([int(value)], dtype=torch.int64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
 
     def gather_rows(self, tensor):
         """Every rank's ``tensor`` concatenated along dim 0, in rank order (equal shapes)."""

@@ -22,10 +22,10 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from so8t.build import build_components
-from so8t.config import CONF_DIR, register
 from so8t.checkpoint import CheckpointService
 from so8t.checkpoint.state import capture_rng, unflatten_state
 from so8t.checkpoint.store import CheckpointStore
+from so8t.config import CONF_DIR, register
 from so8t.distributed import Group, GroupStop, RankParts
 from so8t.ppo.advantages import masked_whiten
 from so8t.ppo.trainer import ScoredRollout

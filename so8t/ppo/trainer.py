@@ -319,8 +319,8 @@ class PPOTrainer:
         episodes = torch.stack([raw, scores, kl.sum(1), mask.sum(1), rollout.ended_with_stop.float()], 1)
         if self.group.enabled:
             moments, term_sums = _variance_moments(rollout.values, returns, mask), _term_sums(reward)
-            rows = self.group.gather_numbers(torch.cat([
-                episodes.reshape(-1).double(), torch.tensor(moments + term_sums, dtype=torch.float64)]))
+            sums = torch.tensor(moments + term_sums, dtype=torch.float64, device=self.device)
+            rows = self.group.gather_numbers(torch.cat([episodes.reshape(-1).double(), sums]))
             cut = episodes.numel()
             episodes = rows[:, :cut].reshape(-1, episodes.shape[1]).to(episodes.dtype)  # exact: float32 values
             summed = rows[:, cut:].sum(0).tolist()
