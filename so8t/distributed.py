@@ -9,11 +9,13 @@ PPO epochs on it; the ranks meet in a few collectives so that they stay one run:
   keeps its contiguous slice (:class:`RankShard`). So a checkpoint needs the sampler's position
   once, and a run means the same thing at any world size.
 * **Randomness.** Every rank starts from rank 0's trainable weights, then seeds its RNGs with
-  ``seed + rank`` (its own sampling stream); a
-  checkpoint holds every rank's RNG states (gathered by rank 0) and each rank takes its own
-  back on resume (:class:`RankParts`).
+  ``seed + rank`` (its own sampling stream); a checkpoint holds every rank's RNG states
+  (handed to rank 0 at the step boundary) and each rank takes its own back on resume
+  (:class:`RankParts`).
 * **Statistics.** Reward normalisation, advantage whitening, KL, the KL controller's input and
-  every logged figure use global sums and counts (:meth:`Group.sum`, :meth:`Group.gather_rows`).
+  every logged figure use global sums and counts (:meth:`Group.sum`, :meth:`Group.gather_rows`;
+  the figures logged after a rollout and after the PPO epochs each in one
+  :meth:`Group.gather_numbers`).
 * **Gradients.** The loss of a mini-batch is weighted by the mini-batch's *global* token count,
   and the trainable parameters' gradients are summed across ranks after the micro-batch
   backward passes and before clipping (:meth:`Group.sum_gradients`), so every rank takes the
