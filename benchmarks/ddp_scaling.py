@@ -2,19 +2,25 @@
 
     python benchmarks/ddp_scaling.py [--rounds 3] [--steps 12] [--batch 64] [--no-write-results]
 
-Both sides run SO8T's own trainer and checkpoint service on the embedded tiny model, with the
-same config (``ppo.rollout_batch_size`` and ``ppo.mini_batch_size`` are global, so both sides do
-the same work per update), one checkpoint per update (``checkpoint=step every_steps=1``,
-background writes): the 1-rank side as a plain process, the 2-rank side under the real
-launcher (``python -m torch.distributed.run --standalone --nproc_per_node 2``, gloo). The sides
+Both sides run SO8T's own trainer and checkpoint service, with the same config
+(``ppo.rollout_batch_size`` and ``ppo.mini_batch_size`` are global, so both sides do the same
+work per update), one checkpoint per update (``checkpoint=step every_steps=1``, background
+writes): the 1-rank side as a plain process, the 2-rank side under the real launcher
+(``python -m torch.distributed.run --standalone --nproc_per_node 2``, gloo). The sides
 alternate for ``--rounds`` rounds, each a fresh launch; after 2 warm-up updates each worker
-times ``--steps`` updates and, after each, the checkpoint cadence's call (``maybe_save``):
+runs ``--steps`` timed iterations of the training loop's own sequence (so8t.recipe): the
+boundary agreement on the stop and the deadline, the update, the boundary agreement on the
+stop and the save (which carries every rank's RNG states), the checkpoint cadence's call
+(``maybe_save``):
 
-* episodes/s: global episodes / (wall time of the timed updates + their checkpoint stalls) —
-  target: 2 ranks >= 1.7x one rank on 2 cores;
+* episodes/s: global episodes / wall time of the timed iterations (updates, agreements and
+  saves) — target: 2 ranks >= 1.7x one rank on 2 cores;
 * checkpoint stall: how long ``maybe_save`` keeps the training thread (the slowest rank's:
-  the group waits for it at the next collective) — the 2-rank side agrees on the save,
-  gathers both ranks' RNG states to rank 0 and snapshots there; target <= 1.2x one rank's.
+  the group waits for it at the next collective) — target <= 1.2x one rank's. The save's
+  decision and hand-over travel in the agreement before it, which runs at every update whether
+  or not a save is due: its time is reported next to the stall (and is in the episodes/s);
+* collectives per update, per pair of boundary agreements and per save, counted by wrapping
+  ``torch.distributed``'s collectives in the workers (independent of the machine's load).
 
 Results go to the ``## Data-parallel scaling`` section of benchmarks/RESULTS.md (replaced in
 place; other sections are left alone).
@@ -52,8 +58,33 @@ def overrides(batch: int, model_dir: str | None) -> list[str]:
 # ---------------------------------------------------------------------- worker
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "gather", "broadcast", "barrier", "scatter",
+               "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single")
+
+
+def count_collectives(counts: dict[str, int], region: list[str]) -> None:
+    """Count every collective by the region of the loop it ran in. The object collectives
+    (gather_object, broadcast_object_list, …) are made of these, looked up in the same module,
+    so they count as the collectives they really run."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    for name in COLLECTIVES:
+        original = getattr(c10d, name, None)
+        if original is None:
+            continue
+
+        def counted(*a, _original=original, **k):
+            counts[region[0]] = counts.get(region[0], 0) + 1
+            return _original(*a, **k)
+
+        setattr(c10d, name, counted)
+        if getattr(dist, name, None) is original:
+            setattr(dist, name, counted)
+
+
 def worker(args) -> None:
-    """One side: build the run as so8t.train does, time updates and checkpoint stalls."""
+    """One side: build the run as so8t.train does, time the training loop's sequence."""
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -61,8 +92,13 @@ def worker(args) -> None:
     from so8t.checkpoint import CheckpointService
     from so8t.config import CONF_DIR, register
     from so8t.config.identity import config_identity
-    from so8t.distributed import RankParts, join_group
+    from so8t.distributed import AgreedDeadline, GroupStop, RankParts, join_group
+    from so8t.recipe import Deadline
+    from so8t.run.signals import StopSignal
 
+    counts: dict[str, int] = {}
+    region = ["setup"]
+    count_collectives(counts, region)
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides(args.batch, args.model_dir))
@@ -71,27 +107,43 @@ def worker(args) -> None:
     service = CheckpointService(Path(args.run_dir), cfg.checkpoint, trainer.stateful_parts(), config_identity(cfg),
                                 ranks=RankParts(group))
     service.resume("never")
-    for _ in range(2):  # warm-up: first-call costs, snapshot buffers allocated
+    # The loop's own stop and deadline (no signal comes, no limit is set: they only agree).
+    stop, deadline = GroupStop(StopSignal(), group), AgreedDeadline(Deadline(None, time.monotonic()), group)
+
+    def iteration(times: dict[str, list[float]]) -> None:
+        """One pass of so8t.recipe's loop: agree, update, agree, save if due."""
+        t0 = time.perf_counter()
+        region[0] = "boundary"
+        stop.agree(deadline)
+        deadline.next_step_would_overrun()
+        t1 = time.perf_counter()
+        region[0] = "update"
         trainer.train_step()
+        t2 = time.perf_counter()
+        region[0] = "boundary"
+        stop.agree(checkpoints=service, step=trainer.counters.step)
+        t3 = time.perf_counter()
+        region[0] = "save"
         service.maybe_save(trainer.counters.step)
+        t4 = time.perf_counter()
+        region[0] = "other"
+        times["step"].append(t2 - t1)
+        times["agree"].append(t1 - t0 + t3 - t2)
+        times["stall"].append(t4 - t3)
+
+    for _ in range(2):  # warm-up: first-call costs, snapshot buffers allocated
+        iteration({"step": [], "agree": [], "stall": []})
     group.barrier()
-    steps, stalls = [], []
+    counts.clear()
+    times: dict[str, list[float]] = {"step": [], "agree": [], "stall": []}
     began, cpu_began = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
-        t0 = time.perf_counter()
-        trainer.train_step()
-        # Both ranks start the save together, so the stall is the checkpoint's cost and not
-        # the wait for a slower rank (which the next update's collectives would pay anyway).
-        group.barrier()
-        t1 = time.perf_counter()
-        service.maybe_save(trainer.counters.step)
-        stalls.append(time.perf_counter() - t1)
-        steps.append(t1 - t0)
+        iteration(times)
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+    per_update = {key: counts.get(key, 0) / args.steps for key in ("update", "boundary", "save")}
     service.close()
     # The slowest rank's figures are the group's.
-    worst = group.gather_to_main({"wall": wall, "cpu": cpu, "stall": statistics.median(stalls),
-                                  "step": statistics.median(steps)})
+    worst = group.gather_to_main({"wall": wall, "cpu": cpu, **{k: statistics.median(v) for k, v in times.items()}})
     if group.is_main:
         assert worst is not None  # rank 0 holds every rank's figures
         print("BENCH_RESULT " + json.dumps({
@@ -99,8 +151,11 @@ def worker(args) -> None:
             "episodes": args.steps * cfg.ppo.rollout_batch_size,
             "wall": max(w["wall"] for w in worst),
             "stall": max(w["stall"] for w in worst),
+            "agree": max(w["agree"] for w in worst),
             "step": max(w["step"] for w in worst),
             "cpu": sum(w["cpu"] for w in worst),  # CPU seconds of all ranks together
+            "collectives": per_update,  # rank 0's; every rank runs the same ones
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         }), flush=True)
 
@@ -163,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[ranks].append(launch(ranks, args, Path(folder)))
                 r = results[ranks][-1]
                 print(f"round {round_index + 1}: {ranks} rank(s): {r['episodes'] / r['wall']:.1f} episodes/s, "
-                      f"stall {1000 * r['stall']:.2f} ms", flush=True)
+                      f"stall {1000 * r['stall']:.2f} ms, agreements {1000 * r['agree']:.2f} ms, "
+                      f"collectives {r['collectives']}", flush=True)
 
     def med(ranks: int, key) -> float:
         return statistics.median(key(r) for r in results[ranks])
@@ -171,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     eps = {n: med(n, lambda r: r["episodes"] / r["wall"]) for n in (1, 2)}
     stall = {n: med(n, lambda r: r["stall"]) for n in (1, 2)}
     step = {n: med(n, lambda r: r["step"]) for n in (1, 2)}
+    agree = {n: med(n, lambda r: r["agree"]) for n in (1, 2)}
+    counts = {n: results[n][0]["collectives"] for n in (1, 2)}  # the same in every launch of a side
+    threads = {n: results[n][0]["threads"] for n in (1, 2)}
     per_cpu = {n: med(n, lambda r: r["episodes"] / r["cpu"]) for n in (1, 2)}
     efficiency = per_cpu[2] / per_cpu[1]
     speedup, stall_ratio = eps[2] / eps[1], stall[2] / stall[1]
@@ -188,19 +247,30 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.batch // 4}, 2 PPO epochs, 12 new tokens; one checkpoint per update (background write). "
         f"Medians over {args.rounds} launches per side (alternating), {args.steps} timed updates each "
         "after 2 warm-up updates.",
-        "- 2 ranks: `torchrun --standalone --nproc_per_node 2`, gloo, 1 torch thread per rank; each rank samples "
+        f"- 2 ranks: `torchrun --standalone --nproc_per_node 2`, gloo, {threads[2]} torch thread per rank "
+        f"({threads[1]} on the 1-rank side); each rank samples "
         "and trains on half of every global batch; gradients and statistics are summed over the ranks.",
+        "- Each timed iteration is the training loop's (so8t.recipe): agree on the stop and the deadline, update, "
+        "agree on the stop and the save (with every rank's RNG states), `maybe_save`. The stall is `maybe_save`; "
+        "the agreements column is both agreements of an iteration, the wait for the slower rank included.",
         "",
         "- episodes/CPU-s divides by the CPU time of all ranks together: their ratio (the parallel "
         "efficiency) shows what data parallelism costs in work, whatever share of the cores the ranks got; "
         "the episodes/s ratio is bounded by the cores the two ranks really had (see the load average).",
         "",
-        "| side | episodes/s | episodes/CPU-s | update (median) | checkpoint stall (median) | episodes/s per launch |",
-        "|---|---:|---:|---:|---:|---|",
+        "| side | episodes/s | episodes/CPU-s | update (median) | checkpoint stall (median) | agreements (median) "
+        "| episodes/s per launch |",
+        "|---|---:|---:|---:|---:|---:|---|",
         f"| 1 rank x 1 thread | {eps[1]:.1f} | {per_cpu[1]:.1f} | {1000 * step[1]:.0f} ms | {1000 * stall[1]:.2f} ms "
-        f"| {per_round[1]} |",
+        f"| {1000 * agree[1]:.2f} ms | {per_round[1]} |",
         f"| 2 ranks x 1 thread | {eps[2]:.1f} | {per_cpu[2]:.1f} | {1000 * step[2]:.0f} ms | {1000 * stall[2]:.2f} ms "
-        f"| {per_round[2]} |",
+        f"| {1000 * agree[2]:.2f} ms | {per_round[2]} |",
+        "",
+        "| collectives (2 ranks, per iteration) | count |",
+        "|---|---:|",
+        f"| in the update (statistics, gradient sums) | {counts[2]['update']:g} |",
+        f"| in the two boundary agreements | {counts[2]['boundary']:g} |",
+        f"| in the save (`maybe_save`, a checkpoint every update) | {counts[2]['save']:g} |",
         "",
         "| ratio (2 ranks / 1 rank) | value | target | met |",
         "|---|---:|---|---|",

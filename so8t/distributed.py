@@ -9,11 +9,13 @@ PPO epochs on it; the ranks meet in a few collectives so that they stay one run:
   keeps its contiguous slice (:class:`RankShard`). So a checkpoint needs the sampler's position
   once, and a run means the same thing at any world size.
 * **Randomness.** Every rank starts from rank 0's trainable weights, then seeds its RNGs with
-  ``seed + rank`` (its own sampling stream); a
-  checkpoint holds every rank's RNG states (gathered by rank 0) and each rank takes its own
-  back on resume (:class:`RankParts`).
+  ``seed + rank`` (its own sampling stream); a checkpoint holds every rank's RNG states
+  (handed to rank 0 at the step boundary) and each rank takes its own back on resume
+  (:class:`RankParts`).
 * **Statistics.** Reward normalisation, advantage whitening, KL, the KL controller's input and
-  every logged figure use global sums and counts (:meth:`Group.sum`, :meth:`Group.gather_rows`).
+  every logged figure use global sums and counts (:meth:`Group.sum`, :meth:`Group.gather_rows`;
+  the figures logged after a rollout and after the PPO epochs each in one
+  :meth:`Group.gather_numbers`).
 * **Gradients.** The loss of a mini-batch is weighted by the mini-batch's *global* token count,
   and the trainable parameters' gradients are summed across ranks after the micro-batch
   backward passes and before clipping (:meth:`Group.sum_gradients`), so every rank takes the
@@ -25,8 +27,10 @@ PPO epochs on it; the ranks meet in a few collectives so that they stay one run:
   ``no_sync``), and one all-reduce of one flat buffer per optimizer step is all it takes.
 * **Lifecycle.** Rank 0 holds the run folder's lock and writes session.json, metrics, samples,
   train.log, tqdm and ``final/``; the other ranks log to ``train.rank<N>.log``. The lock outcome
-  is broadcast, stop flags and the deadline are reduced (max) at each step boundary, and a
-  checkpoint is written by rank 0 once every rank handed over its part.
+  is broadcast; at each step boundary the stop flags, the deadline's verdict, rank 0's save
+  decision and (after an update) every rank's RNG states travel in one collective
+  (:meth:`GroupStop.agree`), so a checkpoint that follows costs no collective of its own; it is
+  written by rank 0 with every rank's part in hand.
 
 A single process (no launcher) is a group of one: every helper here is then the identity and
 no process group is created, so the single-process run is unchanged bit for bit.
@@ -98,30 +102,16 @@ class Group:
 
         return self.sum(torch.tensor(values, dtype=torch.float64, device=self._device())).tolist()
 
-    def max_float(self, value: float) -> float:
-        """The largest ``value`` any rank passed."""
-        return float(self._one_number(float(value), "max")) if self.enabled else float(value)
-
     def max_int(self, value: int) -> int:
         """The largest ``value`` any rank passed."""
-        return int(self._one_number(int(value), "max")) if self.enabled else int(value)
-
-    def broadcast_int(self, value: int) -> int:
-        """Rank 0's ``value`` on every rank."""
-        return int(self._one_number(int(value), "broadcast")) if self.enabled else int(value)
-
-    def _one_number(self, value: float | int, how: str) -> float | int:
-        """One number through one collective: the largest over the ranks, or rank 0's."""
+        if not self.enabled:
+            return int(value)
         import torch
         import torch.distributed as dist
 
-        dtype = torch.float64 if isinstance(value, float) else torch.int64
-        tensor = torch.tensor([value], dtype=dtype, device=self._device())
-        if how == "max":
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        else:
-            dist.broadcast(tensor, src=0)
-        return tensor.item()
+        tensor = torch.tensor([int(value)], dtype=torch.int64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
 
     def gather_rows(self, tensor):
         """Every rank's ``tensor`` concatenated along dim 0, in rank order (equal shapes)."""
@@ -133,6 +123,14 @@ class Group:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, 0)
+
+    def gather_numbers(self, values):
+        """Every rank's 1-D float64 ``values`` as the rows of a (world size, len) tensor, in rank
+        order: one collective for figures that are then summed, maxed or concatenated."""
+        import torch
+
+        values = torch.as_tensor(values, dtype=torch.float64, device=self._device()).reshape(1, -1)
+        return self.gather_rows(values).cpu() if self.enabled else values.cpu()
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (the others' values are ignored)."""
@@ -361,14 +359,20 @@ class RankParts:
     ``{"world_size": W, "ranks": [rank 0's, rank 1's, …]}``. A lone process keeps the plain
     single-process layout.
 
-    The hand-over is the gather itself, done at the step boundary before rank 0 writes, so a
-    committed checkpoint holds every rank's part (or, if a rank died first, is never written).
+    The hand-over happens at the step boundary, before rank 0 writes, so a committed checkpoint
+    holds every rank's part (or, if a rank died first, is never written). The training loop's
+    boundary agreement (:meth:`GroupStop.agree` with ``checkpoints=``) carries the save decision
+    and every rank's RNG states in its one collective; a save at that step then needs no
+    collective of its own. Without that agreement, :meth:`agree_reason` does the same in one
+    collective, and a save at a step whose states were not handed over gathers them first.
     A synchronous save (signal, deadline, end) also ends with rank 0 telling the others it
     committed (:meth:`report_commit`, a barrier), so no rank exits before the checkpoint it
     stops at exists; a background save does not wait for that, as in a single process."""
 
     def __init__(self, group: Group | None = None):
         self.group = group or Group()
+        self._agreed: tuple[int, str | None] | None = None  # (step, save reason) of the last agreement
+        self._handed: tuple[int, list[Any]] | None = None  # (step, every rank's packed RNG states)
 
     @property
     def is_writer(self) -> bool:
@@ -378,26 +382,53 @@ class RankParts:
     def world_size(self) -> int:
         return self.group.world_size
 
-    def agree_reason(self, reason: str | None) -> str | None:
-        """Rank 0's save decision (a time cadence reads each rank's own clock); sent as a
-        number, one small collective per step boundary."""
+    def boundary_part(self) -> Any:
+        """This rank's RNG states, packed for a boundary agreement (a uint8 tensor)."""
+        from so8t.checkpoint.state import capture_rng
+
+        return _pack_rng(capture_rng())
+
+    def accept(self, step: int, reason: str | None, rows: list[Any] | None) -> None:
+        """The outcome of a boundary agreement at ``step``: rank 0's save decision, and every
+        rank's packed RNG states (the rows of the collective, in rank order)."""
+        self._agreed = (step, reason)
+        if rows is not None:  # unpacked only if a save uses them; rank 0 alone keeps them
+            self._handed = (step, rows if self.group.is_main else [])
+
+    def agree_reason(self, reason: str | None, step: int | None = None) -> str | None:
+        """Rank 0's save decision at ``step`` (a time cadence reads each rank's own clock): the
+        one the boundary agreement already made, or else agreed now, in one collective that
+        also hands over the RNG states."""
         if not self.group.enabled:
             return reason
-        from so8t.checkpoint.service import SAVE_REASONS
+        if step is not None and self._agreed is not None and self._agreed[0] == step:
+            agreed, self._agreed = self._agreed[1], None
+            return agreed
+        own = self.boundary_part()
+        _, _, code, rows = _agree(self.group, 0, 0, _reason_code(reason), own)
+        agreed = _reason_of(code)
+        if step is not None:
+            self.accept(step, agreed, rows)
+            self._agreed = None
+        return agreed
 
-        agreed = self.group.broadcast_int(0 if reason is None else 1 + SAVE_REASONS.index(reason))
-        return None if agreed == 0 else SAVE_REASONS[agreed - 1]
-
-    def capture_rng(self) -> Any:
-        """This rank's RNG states, gathered on rank 0 (a collective: every rank calls it at the
-        same save). None on the other ranks."""
+    def capture_rng(self, step: int | None = None) -> Any:
+        """Every rank's RNG states on rank 0, None on the others: the ones handed over at this
+        ``step``'s boundary agreement, or else gathered now (a collective: every rank calls it
+        at the same save, and all of them know alike whether the states are in hand)."""
         from so8t.checkpoint.state import capture_rng
 
         own = capture_rng()
         if not self.group.enabled:
             return own
-        gathered = self.group.gather_to_main(own)
-        return None if gathered is None else {"world_size": self.group.world_size, "ranks": gathered}
+        if step is not None and self._handed is not None and self._handed[0] == step:
+            rows = self._handed[1]
+        else:
+            rows = list(self.group.gather_rows(_pack_rng(own).to(self.group._device())[None]).cpu())
+        if not self.group.is_main:
+            return None
+        # Rank 0's own are taken now, at the snapshot (the same states: nothing drew since).
+        return {"world_size": self.group.world_size, "ranks": [own, *[_unpack_rng(r, own) for r in rows[1:]]]}
 
     def restore_rng(self, saved: Any) -> None:
         from so8t.checkpoint.state import restore_rng
@@ -421,6 +452,75 @@ class RankParts:
         outcome = self.group.broadcast(error)
         if outcome is not None and not self.group.is_main:
             raise CheckpointError(f"rank 0 could not save the checkpoint: {outcome}")
+
+
+def _reason_code(reason: str | None) -> int:
+    from so8t.checkpoint.service import SAVE_REASONS
+
+    return 0 if reason is None else 1 + SAVE_REASONS.index(reason)
+
+
+def _reason_of(code: int) -> str | None:
+    from so8t.checkpoint.service import SAVE_REASONS
+
+    return None if code == 0 else SAVE_REASONS[code - 1]
+
+
+def _agree(group: Group, signum: int, overrun: int, reason_code: int, packed_rng=None):
+    """The one collective of a step boundary: an all-gather of each rank's fixed-size row
+    (three numbers, then its packed RNG states if ``packed_rng`` is given: every rank passes
+    one or none alike). Returns (the largest stop signal, whether any rank's deadline would
+    overrun, rank 0's save reason code, the rows or None). A tensor rather than
+    ``all_gather_object``: that pickles and takes two collectives, measured several times
+    slower than this one."""
+    import torch
+
+    head = torch.tensor([signum, overrun, reason_code], dtype=torch.int64).view(torch.uint8)
+    row = head if packed_rng is None else torch.cat([head, packed_rng])
+    rows = group.gather_rows(row.to(group._device())[None]).cpu()
+    numbers = rows[:, : head.numel()].contiguous().view(torch.int64)
+    return (int(numbers[:, 0].max()), int(numbers[:, 1].max()), int(numbers[0, 2]),
+            None if packed_rng is None else [r[head.numel():] for r in rows])
+
+
+# The RNG states as one flat byte row, so they travel in a plain tensor collective. Every
+# number of the Python and NumPy Mersenne Twisters fits an int64; the torch states are bytes.
+def _pack_rng(state: dict) -> Any:
+    import numpy as np
+    import torch
+
+    version, words, gauss = state["python"]
+    n = state["numpy"]
+    numbers = np.array([version, gauss is not None, n["pos"], n["has_gauss"], *words, *n["keys"]], dtype=np.int64)
+    floats = np.array([0.0 if gauss is None else gauss, n["cached_gaussian"]], dtype=np.float64)
+    parts = [torch.from_numpy(numbers.view(np.uint8)), torch.from_numpy(floats.view(np.uint8)),
+             state["torch_cpu"].reshape(-1), *[c.cpu().reshape(-1) for c in state["cuda"]]]
+    return torch.cat([t.to(torch.uint8) for t in parts])
+
+
+def _unpack_rng(row, like: dict) -> dict:
+    """The states packed in ``row`` by :func:`_pack_rng`, in the layout of ``like`` (this
+    rank's own states: the same generators, so the same sizes), as :func:`capture_rng` gives them."""
+    import numpy as np
+
+    data = row.cpu().numpy()
+    n_words, n_keys = len(like["python"][1]), len(like["numpy"]["keys"])
+    count = 4 + n_words + n_keys
+    numbers = data[: 8 * count].view(np.int64).tolist()
+    floats = data[8 * count : 8 * count + 16].view(np.float64).tolist()
+    at = 8 * count + 16
+    tensors = []
+    for t in [like["torch_cpu"], *like["cuda"]]:
+        tensors.append(row[at : at + t.numel()].clone().reshape(t.shape))
+        at += t.numel()
+    version, has_gauss, pos, np_has_gauss = numbers[:4]
+    return {
+        "python": (version, tuple(numbers[4 : 4 + n_words]), floats[0] if has_gauss else None),
+        "numpy": {"kind": like["numpy"]["kind"], "keys": numbers[4 + n_words : count], "pos": pos,
+                  "has_gauss": np_has_gauss, "cached_gaussian": floats[1]},
+        "torch_cpu": tensors[0],
+        "cuda": tensors[1:],
+    }
 
 
 def resume_group(checkpoints, mode, identity, group: Group):
@@ -472,10 +572,26 @@ class GroupStop:
         self.group = group
         self.signum: int | None = None
 
-    def agree(self) -> None:
+    def agree(self, deadline: AgreedDeadline | None = None, checkpoints=None, step: int | None = None) -> None:
+        """Agree on the stop request, in one collective with what else this boundary decides:
+        ``deadline``, whether the next update would overrun it (read by its
+        :meth:`AgreedDeadline.next_step_would_overrun`); ``checkpoints`` (a
+        :class:`so8t.checkpoint.CheckpointService`, after the update that made ``step``), rank
+        0's save decision and every rank's RNG states, which its ``maybe_save(step)`` or
+        ``save_now(step, …)`` then use without a collective of their own."""
         local = (self.local.signum or 0) if self.local.requested else 0
-        agreed = self.group.max_int(local)
+        if not self.group.enabled:
+            self.signum = local or None
+            return
+        overrun = int(deadline.deadline.next_step_would_overrun()) if deadline is not None else 0
+        reason = checkpoints.due_reason(step) if checkpoints is not None else None
+        packed = checkpoints.ranks.boundary_part() if checkpoints is not None else None
+        agreed, overrun, code, rows = _agree(self.group, local, overrun, _reason_code(reason), packed)
         self.signum = agreed or None
+        if deadline is not None:
+            deadline.agreed = bool(overrun)
+        if checkpoints is not None:
+            checkpoints.ranks.accept(step, _reason_of(code), rows)
 
     @property
     def requested(self) -> bool:
@@ -504,6 +620,8 @@ class AgreedDeadline:
     def __init__(self, deadline, group: Group):
         self.deadline = deadline
         self.group = group
+        # The verdict agreed together with the stop request (GroupStop.agree), for the next call.
+        self.agreed: bool | None = None
 
     def observe_step(self, seconds: float) -> None:
         self.deadline.observe_step(seconds)
@@ -512,6 +630,9 @@ class AgreedDeadline:
         self.deadline.observe_save(seconds)
 
     def next_step_would_overrun(self) -> bool:
+        if self.agreed is not None:
+            verdict, self.agreed = self.agreed, None
+            return verdict
         return bool(self.group.max_int(int(self.deadline.next_step_would_overrun())))
 
 

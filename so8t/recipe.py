@@ -373,7 +373,7 @@ def _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline:
     show = cfg.output.progress_bars if trainer.group.is_main else False  # distributed hook: rank 0's bars
     with progress_bars(show, cfg.max_steps, trainer.counters.step, cfg.ppo.ppo_epochs) as (steps, epochs):
         while trainer.counters.step < cfg.max_steps:
-            stop.agree()  # distributed hook: every rank stops at the same boundary
+            stop.agree(deadline)  # distributed hook: one collective for the stop and the deadline
             if stop.requested:
                 break
             if deadline.next_step_would_overrun():
@@ -389,7 +389,8 @@ def _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline:
             steps.set_postfix(bar_postfix(row), refresh=False)
             steps.update(1)
             log_update(row)
-            stop.agree()
+            # Distributed hook: one collective for the stop, the save decision and the RNG hand-over.
+            stop.agree(checkpoints=checkpoints, step=trainer.counters.step)
             if stop.requested:
                 break
             began = time.monotonic()

@@ -5,6 +5,9 @@
   rollout and visits the same global mini-batches — within fp32 tolerance, on both ranks.
 * Advantage whitening over the group equals whitening of the whole batch.
 * The checkpoint hand-over: rank 0 receives both ranks' RNG states, each rank takes its own back.
+* The training loop's boundary agreement is one collective that carries the save decision and
+  every rank's RNG states: the save that follows runs no collective, and its checkpoint holds
+  each rank's states exactly as they were at the boundary.
 
 The launcher, the lifecycle and the checkpoints of real runs are in test_distributed_cli.py.
 """
@@ -19,10 +22,14 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from so8t.build import build_components
+from so8t.checkpoint import CheckpointService
+from so8t.checkpoint.state import capture_rng, unflatten_state
+from so8t.checkpoint.store import CheckpointStore
 from so8t.config import CONF_DIR, register
-from so8t.distributed import Group, RankParts
+from so8t.distributed import Group, GroupStop, RankParts
 from so8t.ppo.advantages import masked_whiten
 from so8t.ppo.trainer import ScoredRollout
+from so8t.run.signals import StopSignal
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name == "nt", reason="gloo over fork-free spawn on POSIX")]
 
@@ -33,10 +40,47 @@ OVERRIDES = ["hardware.num_threads=1", "ppo.rollout_batch_size=8", "ppo.mini_bat
 N, WORLD = 8, 2
 
 
-def _components(group=None):
+def _config():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=OVERRIDES)
-    return build_components(cfg, group)
+        return compose("train", overrides=[*OVERRIDES, "checkpoint=step", "checkpoint.every_steps=1"])
+
+
+def _components(group=None):
+    return build_components(_config(), group)
+
+
+def _count_collectives(counts: list[int]) -> None:
+    """Count every collective torch.distributed runs (the object ones are made of these)."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    for name in ("all_reduce", "all_gather", "gather", "broadcast", "barrier", "scatter", "reduce"):
+        original = getattr(c10d, name)
+
+        def counted(*a, _original=original, **k):
+            counts[0] += 1
+            return _original(*a, **k)
+
+        setattr(c10d, name, counted)
+        setattr(dist, name, counted)
+
+
+def _boundary_save(rank: int, folder: str, group: Group, trainer) -> dict:
+    """The training loop's sequence after an update: agree, then save (a checkpoint is due)."""
+    service = CheckpointService(f"{folder}/run", _config().checkpoint, trainer.stateful_parts(), {"test": 1},
+                                ranks=RankParts(group))
+    service.policy.mark_saved(0)
+    stop = GroupStop(StopSignal(), group)
+    torch.rand(3)  # each rank's stream somewhere of its own
+    at_boundary = capture_rng()
+    counts = [0]
+    _count_collectives(counts)
+    stop.agree(checkpoints=service, step=1)
+    in_agreement = counts[0]
+    path = service.maybe_save(1)
+    in_save = counts[0] - in_agreement
+    service.close()
+    return {"at_boundary": at_boundary, "in_agreement": in_agreement, "in_save": in_save, "path": str(path)}
 
 
 def _rows(scored: ScoredRollout, rows: slice) -> ScoredRollout:
@@ -67,6 +111,7 @@ def _worker(rank: int, folder: str) -> None:
         stats: dict = {}
         trainer.ppo_epoch(mine, stats, order=torch.arange(share))
         stats = trainer.global_ppo_stats(stats)
+        at_handover = capture_rng()
         handed = RankParts(group).capture_rng()
         if rank == 0:
             torch.save(handed["ranks"], f"{folder}/rng.pt")
@@ -74,9 +119,12 @@ def _worker(rank: int, folder: str) -> None:
         own = torch.get_rng_state()
         torch.rand(5)  # moves this rank's stream; restoring must bring it back
         RankParts(group).restore_rng({"world_size": WORLD, "ranks": torch.load(f"{folder}/rng.pt", weights_only=False)})
+        restored_equal = torch.equal(torch.get_rng_state(), own)
+        dist.barrier()
+        boundary = _boundary_save(rank, folder, group, trainer)
         torch.save({"weights": {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()},
-                    "whitened": whitened, "stats": stats, "handed": handed,
-                    "restored_equal": torch.equal(torch.get_rng_state(), own)}, f"{folder}/rank{rank}.pt")
+                    "whitened": whitened, "stats": stats, "handed": handed, "at_handover": at_handover,
+                    "restored_equal": restored_equal, "boundary": boundary}, f"{folder}/rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -123,3 +171,23 @@ def test_two_ranks_take_the_step_of_one_process_over_both_halves(tmp_path):
     assert results[1]["handed"] is None  # only rank 0 holds the gathered states
     assert not torch.equal(handed["ranks"][0]["torch_cpu"], handed["ranks"][1]["torch_cpu"])
     assert results[0]["restored_equal"] and results[1]["restored_equal"]
+    # Packed into bytes and back, rank 1's states are exactly what it captured itself.
+    _assert_same_rng(handed["ranks"][1], results[1]["at_handover"])
+
+    # The boundary agreement: one collective; the save after it: none.
+    for result in results:
+        assert result["boundary"]["in_agreement"] == 1 and result["boundary"]["in_save"] == 0, result["boundary"]
+    path = results[0]["boundary"]["path"]
+    tensors, skeleton, manifest = CheckpointStore(tmp_path / "run" / "checkpoints").load(path)
+    saved = unflatten_state(skeleton, tensors)["rng"]
+    assert manifest["world_size"] == WORLD and saved["world_size"] == WORLD
+    for rank in range(WORLD):
+        _assert_same_rng(saved["ranks"][rank], results[rank]["boundary"]["at_boundary"])
+    assert not torch.equal(saved["ranks"][0]["torch_cpu"], saved["ranks"][1]["torch_cpu"])
+
+
+def _assert_same_rng(got: dict, expected: dict) -> None:
+    assert tuple(got["python"][:1]) == tuple(expected["python"][:1])
+    assert list(got["python"][1]) == list(expected["python"][1]) and got["python"][2] == expected["python"][2]
+    assert {k: v for k, v in got["numpy"].items()} == {k: v for k, v in expected["numpy"].items()}
+    assert torch.equal(torch.as_tensor(got["torch_cpu"]), expected["torch_cpu"])

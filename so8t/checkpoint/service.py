@@ -154,9 +154,9 @@ class CheckpointService:
         cadence intervals) it raises :class:`CheckpointingStalledError`: training on with
         nothing to resume from would only lose more work.
         """
-        self._settle(block=False)
-        # Distributed hook: rank 0 decides (a time cadence reads each rank's own clock).
-        reason = self.ranks.agree_reason(self.policy.due(step) or self._retry_reason)
+        # Distributed hook: rank 0 decides (a time cadence reads each rank's own clock); the
+        # group's boundary agreement may have done so already (so8t.distributed.GroupStop.agree).
+        reason = self.ranks.agree_reason(self.due_reason(step), step)
         path = None
         if reason is not None:
             path = self._save(step, reason, background=self.writer is not None, strict=False)
@@ -164,6 +164,12 @@ class CheckpointService:
                 self._settle(block=False)
         self._check_protected(step)
         return path
+
+    def due_reason(self, step: int) -> str | None:
+        """Why a save is due at this step boundary (the cadence, or a retry of a failed save),
+        or None; a finished background write is accounted for first."""
+        self._settle(block=False)
+        return self.policy.due(step) or self._retry_reason
 
     def save_now(self, step: int, reason: str) -> Path:
         """Save synchronously (final, signal, deadline saves); raise CheckpointError on failure."""
@@ -204,14 +210,14 @@ class CheckpointService:
         self._settle(block=True)
         self.policy.mark_saved(step)
         if not self.ranks.is_writer:  # distributed hook: hand this rank's part to rank 0, which writes
-            self.ranks.capture_rng()
+            self.ranks.capture_rng(step)
             path = self.store.root / checkpoint_name(step)
             if strict:
                 self.ranks.report_commit(None)  # waits for rank 0's commit; raises if it failed
                 self.last_saved = SavedCheckpoint(step=step, path=path, reason=reason, size_bytes=0)
             return path
 
-        tensors, skeleton = self._snapshot()
+        tensors, skeleton = self._snapshot(step)
         needed = int(SPACE_MARGIN * max(self._previous_size(), tensor_bytes(tensors)))
         if not self._ensure_space(step, needed):
             message = (
@@ -313,7 +319,7 @@ class CheckpointService:
             f"(a full disk?), fix the cause and run the same command again to resume."
         )
 
-    def _snapshot(self) -> tuple[dict[str, Any], Any]:
+    def _snapshot(self, step: int) -> tuple[dict[str, Any], Any]:
         """Deep CPU copy of every part, the RNGs and the extra state, taken at the boundary.
 
         The copy goes into the previous snapshot's tensors: only ``_save`` calls this, after
@@ -322,7 +328,7 @@ class CheckpointService:
         """
         state = {
             "parts": {name: part.state_dict() for name, part in self.parts.items()},
-            "rng": self.ranks.capture_rng(),  # distributed hook: every rank's states, gathered
+            "rng": self.ranks.capture_rng(step),  # distributed hook: every rank's states, handed over
             "extra": self.extra_state() if self.extra_state is not None else None,
         }
         tensors, skeleton = flatten_state(state, reuse=self._snapshot_buffers)

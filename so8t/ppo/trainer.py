@@ -314,9 +314,21 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask, total=self.group.sum)
 
-        # The logged figures are the global batch's (one gather of per-episode numbers).
-        episodes = self.group.gather_rows(torch.stack(
-            [raw, scores, kl.sum(1), mask.sum(1), rollout.ended_with_stop.float()], 1))
+        # The logged figures are the global batch's: per-episode numbers, the explained
+        # variance's moments and the reward terms' sums travel in one collective.
+        episodes = torch.stack([raw, scores, kl.sum(1), mask.sum(1), rollout.ended_with_stop.float()], 1)
+        if self.group.enabled:
+            moments, term_sums = _variance_moments(rollout.values, returns, mask), _term_sums(reward)
+            sums = torch.tensor(moments + term_sums, dtype=torch.float64, device=self.device)
+            rows = self.group.gather_numbers(torch.cat([episodes.reshape(-1).double(), sums]))
+            cut = episodes.numel()
+            episodes = rows[:, :cut].reshape(-1, episodes.shape[1]).to(episodes.dtype)  # exact: float32 values
+            summed = rows[:, cut:].sum(0).tolist()
+            explained = _explained_from_moments(summed[: len(moments)])
+            term_means = _term_means_from_sums(list(reward.per_term), summed[len(moments):])
+        else:
+            explained = explained_variance(rollout.values, returns, mask)
+            term_means = reward.means()
         raw_all, scores_all, kl_all, length_all, ended_all = episodes.unbind(1)
         stats = {
             "reward/mean": float(raw_all.mean()),
@@ -326,12 +338,11 @@ class PPOTrainer:
             "kl/coef": float(self.kl_controller.value),
             "response/length": float(length_all.mean()),
             "response/eos_rate": float(ended_all.mean()),
-            "value/explained_variance": explained_variance(rollout.values, returns, mask, group=self.group),
+            "value/explained_variance": explained,
             "episodes/step": int(raw_all.numel()),
             "tokens/step": int(length_all.sum()),
             **times,
         }
-        term_means = reward.means() if not self.group.enabled else _global_term_means(reward, self.group)
         for name, mean in term_means.items():
             if mean is not None:  # a term that scored nothing (None everywhere) is not logged
                 stats[f"reward/{name}"] = mean
@@ -432,15 +443,19 @@ class PPOTrainer:
         summed = [k for k in ("loss", "policy_loss", "value_loss", "entropy", "ppo/approx_kl_start") if k in stats]
         averaged = [k for k in ("clip_fraction", "approx_kl") if k in stats]
         keys = summed + averaged
-        flat = self.group.sum_floats([v for k in keys for v in stats[k]])
+        largest = [k for k in ("ppo/ratio_max_dev_start",) if k in stats]
+        # One collective: every rank's figures, summed (in rank order) or maxed here.
+        rows = self.group.gather_numbers([v for k in keys + largest for v in stats[k]])
+        cut = sum(len(stats[k]) for k in keys)
+        flat, peaks = rows[:, :cut].sum(0).tolist(), rows[:, cut:].max(0).values.tolist()
         out, at = dict(stats), 0
         for key in keys:
             n = len(stats[key])
             scale = 1.0 if key in summed else 1.0 / self.group.world_size
             out[key] = [v * scale for v in flat[at : at + n]]
             at += n
-        if "ppo/ratio_max_dev_start" in stats:
-            out["ppo/ratio_max_dev_start"] = [self.group.max_float(stats["ppo/ratio_max_dev_start"][0])]
+        for key, peak in zip(largest, peaks):
+            out[key] = [peak]
         return out
 
     def train_step(self, on_epoch: Callable[[int], None] | None = None) -> dict:
@@ -497,14 +512,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     from so8t.ppo.advantages import masked_mean
 
     if group is not None and group.enabled:
-        error = returns - values
-        mask = mask.to(returns.dtype)
-        n, r1, r2, e1, e2 = group.sum_floats([float(x) for x in (
-            mask.sum(), (returns * mask).sum(), (returns**2 * mask).sum(), (error * mask).sum(),
-            (error**2 * mask).sum())])
-        n = max(n, 1.0)
-        var_returns, var_error = r2 / n - (r1 / n) ** 2, e2 / n - (e1 / n) ** 2
-        return 0.0 if var_returns <= 0.0 else float(1.0 - var_error / var_returns)
+        return _explained_from_moments(group.sum_floats(_variance_moments(values, returns, mask)))
     var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     error = returns - values
     var_error = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
@@ -513,13 +521,34 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1.0 - var_error / var_returns)
 
 
-def _global_term_means(reward, group) -> dict[str, float | None]:
-    """Each reward term's mean over the episodes it scored on every rank."""
-    names = list(reward.per_term)
+def _variance_moments(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """This rank's share of the explained variance: token count, sums and sums of squares of
+    the returns and of the value errors (summed over the ranks, then
+    :func:`_explained_from_moments`)."""
+    error = returns - values
+    mask = mask.to(returns.dtype)
+    return [float(x) for x in (mask.sum(), (returns * mask).sum(), (returns**2 * mask).sum(),
+                               (error * mask).sum(), (error**2 * mask).sum())]
+
+
+def _explained_from_moments(moments: list[float]) -> float:
+    n, r1, r2, e1, e2 = moments
+    n = max(n, 1.0)
+    var_returns, var_error = r2 / n - (r1 / n) ** 2, e2 / n - (e1 / n) ** 2
+    return 0.0 if var_returns <= 0.0 else float(1.0 - var_error / var_returns)
+
+
+def _term_sums(reward) -> list[float]:
+    """Each reward term's sum and count over the episodes it scored on this rank."""
     flat = []
-    for name in names:
+    for name in reward.per_term:
         scored = [s for s in reward.per_term[name] if s is not None]
-        flat += [sum(scored), len(scored)]
-    flat = group.sum_floats(flat)
+        flat += [float(sum(scored)), float(len(scored))]
+    return flat
+
+
+def _term_means_from_sums(names: list[str], flat: list[float]) -> dict[str, float | None]:
+    """Each reward term's mean over the episodes it scored on every rank (from the summed
+    :func:`_term_sums`)."""
     return {n: (flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else None) for i, n in enumerate(names)}
 
