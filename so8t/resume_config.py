@@ -20,7 +20,8 @@ earlier config layout (:func:`earlier_layout_refusal`).
 ``num_training_steps``). The schedule is a function of (step, max_steps), so after a resume with
 another ``max_steps`` the LR follows the curve of a run started with the new value: a longer
 ``max_steps`` raises the LR at the resume point to that curve's value there (linear, 60 → 120 at
-step 60: from 0 to half the peak) and decays it to zero at the new end. Bit-exact against an uninterrupted run of the new length.
+step 60: from 0 to half the peak) and decays it to zero at the new end. Bit-exact against an
+uninterrupted run of the new length.
 """
 
 from __future__ import annotations
