@@ -304,3 +304,20 @@ def test_an_option_named_like_a_standard_argument_or_left_missing_is_refused():
     }))
     assert "reward.terms.mine.bonus must be set (it is ???)" in errors
     assert any(e.startswith("reward.terms.mine.completions: 'completions' is passed to every term") for e in errors)
+
+
+def test_terms_added_from_the_command_line_keep_working():
+    from so8t.build import check_config
+    from tests.conftest import compose
+
+    cfg = compose(["+reward.terms.length.weight=0.1", "+reward.terms.length.start_fraction=0.5",
+                   "reward.terms.format.weight=0.3",
+                   "+reward.terms.mine={_target_:tests.test_rewards.my_reward,_partial_:true,weight:2}",
+                   "+reward.terms.mine.bonus=1.5"])
+    assert check_config(cfg) == []
+    reward = build_reward(cfg.reward)
+    assert reward.weights == {"format": 0.3, "exact_match": 1.0, "length": 0.1, "mine": 2.0}
+    length = next(t for t in reward.terms if t.name == "length")
+    assert length.fn.func is length_penalty and length.fn.keywords == {"start_fraction": 0.5}
+    result = call(reward, [GOOD], num_tokens=[10])
+    assert result.per_term["length"] == [-1.0] and result.per_term["mine"] == [len(GOOD) + 1.5]

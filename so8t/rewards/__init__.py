@@ -310,7 +310,9 @@ def _resolve_terms(reward_cfg: Any) -> tuple[list[_TermSpec], list[str]]:
         missing = [f"{key}.{option} must be set (it is ???)" for option in option_names
                    if OmegaConf.is_missing(term_cfg, option)]
         errors.extend(missing)
-        options = {} if missing else {o: OmegaConf.to_container(term_cfg, resolve=True)[o] for o in option_names}
+        # Plain values (no OmegaConf nodes), so checks and user code see ordinary dicts and lists.
+        plain = {} if missing else OmegaConf.to_container(term_cfg, resolve=True)
+        options = {option: plain[option] for option in option_names} if plain else {}
         for clash in sorted(set(option_names) & set(STANDARD_ARGS)):
             errors.append(f"{key}.{clash}: '{clash}' is passed to every term by SO8T and cannot be set")
 
