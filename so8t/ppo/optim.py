@@ -55,8 +55,10 @@ def check_optimizer_config(opt_cfg: Any) -> list[str]:
     if "params" in arguments:
         problems.append(f"{OPTIMIZER_KEY}.params is set by SO8T (the trainable parameters); remove it")
         arguments.pop("params")
-    accepted = [name for name in inspect.signature(cls).parameters if name != "params"]
-    for name in sorted(set(arguments) - set(accepted)):
+    signature = inspect.signature(cls).parameters.values()
+    accepted = [p.name for p in signature if p.name != "params" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature)  # the dummy build decides
+    for name in [] if takes_any else sorted(set(arguments) - set(accepted)):
         problems.append(f"{OPTIMIZER_KEY}.{name}: {cls.__name__} takes no argument {name!r} "
                         f"(it takes {', '.join(accepted)}; drop it with ~{OPTIMIZER_KEY}.{name})")
     lr = arguments.get("lr")

@@ -343,7 +343,8 @@ def _resolve_terms(reward_cfg: Any) -> tuple[list[_TermSpec], list[str]]:
 
         if fn is not None and len(errors) == before:
             module = getattr(fn, "__module__", None) or ""
-            node = {"_target_": _path_of(fn), **options}
+            # A built-in is named by where it is defined; a configured path is kept as written.
+            node = {"_target_": str(target) if target else _path_of(fn), **options}
             if not is_class:
                 node["_partial_"] = True
             specs.append(
