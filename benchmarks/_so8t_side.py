@@ -137,7 +137,7 @@ def main() -> None:
     import so8t.model.loading  # noqa: F401
     import so8t.model.policy  # noqa: F401
     import so8t.ppo.kl  # noqa: F401
-    import so8t.ppo.schedules  # noqa: F401
+    import so8t.ppo.optim  # noqa: F401
     import so8t.ppo.trainer  # noqa: F401
     from so8t.build import build_components
     from so8t.config import CONF_DIR, register
@@ -176,7 +176,7 @@ def main() -> None:
         f"ppo.vf_coef={common.VF_COEF}",
         f"ppo.gamma={common.GAMMA}",
         f"ppo.lam={common.LAM}",
-        f"ppo.optimizer.learning_rate={common.LEARNING_RATE}",
+        f"ppo.optimizer.lr={common.LEARNING_RATE}",
         f"hardware.frozen_prefix_reuse={args.prefix_reuse == 'on'}",
         f"hardware.rollout_micro_batch_size={args.rollout_chunk or 'null'}",
     ]

@@ -70,6 +70,17 @@ def build_gate_schedule(adapter_cfg):
     return GateSchedule(gate.kind, gate.start, gate.target, gate.steps, gate.steepness)
 
 
+def check_config(cfg) -> list[str]:
+    """Problems only the code that builds the run can see, found before any model is loaded: the
+    reward terms (their functions and options) and the optimizer and LR schedule (their classes
+    and arguments). so8t.config.validate checks the rest; each message names its key."""
+    from so8t.ppo.optim import check_optimizer_config, check_scheduler_config
+    from so8t.rewards import check_reward_config
+
+    return [*check_reward_config(cfg.reward), *check_optimizer_config(cfg.ppo.optimizer),
+            *check_scheduler_config(cfg.ppo.scheduler, cfg.max_steps)]
+
+
 @dataclass
 class Components:
     trainer: object
@@ -88,7 +99,7 @@ def build_components(cfg, group=None) -> Components:
     from so8t.distributed import Group, RankShard
     from so8t.model.quantization import check_quantization
     from so8t.ppo.kl import build_kl_controller
-    from so8t.ppo.schedules import build_lr_scheduler
+    from so8t.ppo.optim import build_lr_scheduler, build_optimizer
     from so8t.ppo.trainer import PPOTrainer
     from so8t.preflight import check_memory
     from so8t.rewards import build_reward
@@ -120,11 +131,7 @@ def build_components(cfg, group=None) -> Components:
         # fp16 gradients of the frozen trunk underflow without loss scaling; bf16 and fp32
         # have the exponent range of fp32 and need none.
         grad_scaler = torch.amp.GradScaler(device.type)
-    opt = cfg.ppo.optimizer
-    optimizer = torch.optim.AdamW(
-        policy.trainable_parameters(), lr=opt.learning_rate, betas=tuple(opt.betas), eps=opt.eps,
-        weight_decay=opt.weight_decay,
-    )
+    optimizer = build_optimizer(cfg.ppo.optimizer, policy.trainable_parameters())
     trainer = PPOTrainer(
         policy=policy,
         tokenizer=tokenizer,
@@ -133,7 +140,7 @@ def build_components(cfg, group=None) -> Components:
         reward_fn=build_reward(cfg.reward),
         ppo_cfg=cfg.ppo,
         optimizer=optimizer,
-        lr_scheduler=build_lr_scheduler(optimizer, opt, cfg.max_steps),
+        lr_scheduler=build_lr_scheduler(optimizer, cfg.ppo.scheduler, cfg.max_steps),
         kl_controller=build_kl_controller(cfg.ppo.kl),
         gate_schedule=build_gate_schedule(cfg.adapter),
         micro_batch_size=cfg.hardware.micro_batch_size,

@@ -216,7 +216,12 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
     from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointService
     from so8t.config.identity import config_identity
     from so8t.errors import SetupError
-    from so8t.resume_config import RESUME_SHAPE_KEYS, capture_hyperparameters, reapply_hyperparameters
+    from so8t.resume_config import (
+        RESUME_SHAPE_KEYS,
+        capture_hyperparameters,
+        earlier_layout_refusal,
+        reapply_hyperparameters,
+    )
     from so8t.run.console import run_summary
     from so8t.run.folder_manifest import verify_folder
     from so8t.run.metrics import MetricsWriter
@@ -233,7 +238,7 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
     checkpoint_identity = {**identity, **components.base_fingerprint}
     checkpoints = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), checkpoint_identity,
                                     shape_keys=(*DEFAULT_SHAPE_KEYS, *RESUME_SHAPE_KEYS), fence=lock.check_owner,
-                                    ranks=distributed.RankParts(group))
+                                    ranks=distributed.RankParts(group), refuse_identity=earlier_layout_refusal)
     fresh = capture_hyperparameters(trainer)
     resumed = distributed.resume_group(checkpoints, cfg.resume, checkpoint_identity, group)
     if resumed is not None:

@@ -12,28 +12,63 @@ sampler's position, counters, RNGs.
 Every other accepted key is read from the config when the trainer is built (clip ranges, PPO
 epochs, batch sizes, reward weights, KL target and horizon …), so it applies by construction.
 The ``seed`` is refused on resume (:data:`RESUME_SHAPE_KEYS`): the restored RNGs and sampler
-seed would make a new value a no-op, which is worse than a clear refusal.
+seed would make a new value a no-op, which is worse than a clear refusal. So is another optimizer
+class (``ppo.optimizer._target_``), whose state would not fit, and a checkpoint written with the
+earlier config layout (:func:`earlier_layout_refusal`).
 
-``max_steps`` is the horizon of a decaying LR schedule (linear, cosine). The schedule is a
-function of (step, max_steps), so after a resume with another ``max_steps`` the LR follows the
-curve of a run started with the new value: a longer ``max_steps`` raises the LR at the resume
-point to that curve's value there (linear, 60 → 120 at step 60: from 0 to half the peak) and
-decays it to zero at the new end. Bit-exact against an uninterrupted run of the new length.
+``max_steps`` is the horizon of a decaying LR schedule (linear, cosine: transformers'
+``num_training_steps``). The schedule is a function of (step, max_steps), so after a resume with
+another ``max_steps`` the LR follows the curve of a run started with the new value: a longer
+``max_steps`` raises the LR at the resume point to that curve's value there (linear, 60 → 120 at
+step 60: from 0 to half the peak) and decays it to zero at the new end. Bit-exact against an
+uninterrupted run of the new length.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import re
+from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RESUME_SHAPE_KEYS", "capture_hyperparameters", "reapply_hyperparameters"]
+__all__ = ["RESUME_SHAPE_KEYS", "capture_hyperparameters", "earlier_layout_refusal", "reapply_hyperparameters"]
 
-# Keys refused on resume in addition to the checkpoint's shape keys (model.*, adapter.*).
-RESUME_SHAPE_KEYS = ("seed",)
+# Keys refused on resume in addition to the checkpoint's shape keys (model.*, adapter.*). Another
+# optimizer class keeps other state (SGD's momentum buffer, not Adam's moments): loading one into
+# the other would silently drop it.
+RESUME_SHAPE_KEYS = ("seed", "ppo.optimizer._target_")
+
+# Identity keys that only the earlier config layout had: the optimizer's own learning_rate and the
+# schedule under ppo.optimizer (now torch's `lr` and ppo.scheduler), reward options under `kwargs`.
+_EARLIER_OPTIMIZER_KEYS = ("ppo.optimizer.learning_rate", "ppo.optimizer.lr_schedule", "ppo.optimizer.warmup_steps")
+_EARLIER_REWARD_KEY = re.compile(r"reward\.terms\.[^.]+\.kwargs\.")
 
 _STATE_KEYS = ("params",)  # what a param group holds that is not a hyperparameter
+
+
+def earlier_layout_refusal(saved_identity: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint written with the earlier config layout is not resumed, or None.
+
+    Mapping it would not continue the same run: its warm-up followed (step + 1) / warmup_steps,
+    transformers' schedules follow step / num_warmup_steps, so a mapped run would take other
+    learning rates than it started with. A clear refusal keeps the run intact for the version that
+    wrote it.
+    """
+    earlier = [key for key in saved_identity if key in _EARLIER_OPTIMIZER_KEYS or _EARLIER_REWARD_KEY.match(key)]
+    if not earlier:
+        return None
+    return (
+        f"it was written with the earlier config layout ({', '.join(sorted(earlier)[:4])}), which this "
+        "version replaced: the optimizer is ppo.optimizer._target_ with torch's argument names "
+        "(ppo.optimizer.lr, not learning_rate), the LR schedule is ppo.scheduler (a transformers "
+        "schedule: name, num_warmup_steps), and a reward term's options sit beside its weight "
+        "(reward.terms.NAME.OPTION, not reward.terms.NAME.kwargs.OPTION); a warm-up now runs at "
+        "step / num_warmup_steps of the peak, not (step + 1) / warmup_steps, so the run cannot be continued "
+        "as it started. Finish the run with the so8t version that "
+        "started it, or start it again under another run_name with the new keys (its checkpoints and "
+        "final/ stay where they are)"
+    )
 
 
 def capture_hyperparameters(trainer) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """What a job of a Hydra multirun sweep hands back: an objective, or a failure that spares the rest.
 
-``so8t-train -m sweep_name=S ppo.optimizer.learning_rate=1e-4,1e-3 seed=1,2`` runs one job per
+``so8t-train -m sweep_name=S ppo.optimizer.lr=1e-4,1e-3 seed=1,2`` runs one job per
 combination in ``outputs/<experiment_name>/sweeps/<S>/<run_name>/``; ``<run_name>`` is made from
 that job's overrides by the rule of a single run's default name (so8t.config.identity), so a job
 keeps its folder whatever its position in the sweep. Re-running the same command therefore finds

@@ -1,8 +1,9 @@
 """``so8t-train``: compose the config, validate it, build the run and train.
 
 Nothing else lives here: the run's orchestration is in so8t.recipe, the PPO in so8t.ppo.
-Heavy libraries (torch, transformers, peft) are imported only after the config is valid,
-so a wrong override fails in seconds.
+The config's own checks (so8t.config.validate) run before torch is imported, the checks that
+need the domain code (reward functions, the optimizer class, the LR schedule: so8t.build.check_config)
+right after, and no model is loaded before both pass, so a wrong override fails in seconds.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def _run(cfg: DictConfig) -> float:
 
     try:
         validate(cfg)
+        from so8t.build import check_config
+
+        problems = check_config(cfg)
+        if problems:
+            raise ConfigValidationError(problems)
     except ConfigValidationError as exc:
         log.error("%s", exc)
         return job_result(EXIT_REFUSED, run_dir_of_job())

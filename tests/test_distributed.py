@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name == "nt", reason="gloo
 register()
 
 OVERRIDES = ["hardware.num_threads=1", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1",
-             "ppo.optimizer.learning_rate=0.05"]
+             "ppo.optimizer.lr=0.05"]
 N, WORLD = 8, 2
 
 

@@ -49,7 +49,7 @@ def phi_run(tmp_path_factory):
     model = make_phi35_style_model(root / "model")
     record = root / "record.jsonl"
     common = ["experiment=phi35_rtx3060", f"model.path={model}", *SMALL,
-              "+reward.terms.record={_target_:tests.test_instruct_cli.recording_reward,weight:0}"]
+              "+reward.terms.record={_target_:tests.test_instruct_cli.recording_reward,_partial_:true,weight:0}"]
     first = run(root, *common, "max_steps=2", record=record)
     resumed = run(root, *common, "max_steps=3", record=record)
     return root, model, record, first, resumed, common

@@ -11,7 +11,6 @@ from so8t.build import build_components
 from so8t.ppo.advantages import gae, last_token_index, masked_whiten, token_rewards
 from so8t.ppo.kl import AdaptiveKLController, FixedKLController
 from so8t.ppo.rollout import response_logits, token_logprobs
-from so8t.ppo.schedules import lr_multiplier
 from tests.conftest import compose
 
 
@@ -69,13 +68,6 @@ def test_kl_controllers():
     other = AdaptiveKLController(0.5, target=1.0, horizon=100)
     other.load_state_dict(state)
     assert other.value == adaptive.value
-
-
-def test_lr_schedules():
-    assert lr_multiplier(5, "constant", 0, 10) == 1.0
-    assert lr_multiplier(0, "constant", 4, 10) == 0.25
-    assert lr_multiplier(5, "linear", 0, 10) == 0.5
-    assert math.isclose(lr_multiplier(10, "cosine", 0, 10), 0.0, abs_tol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +167,7 @@ def test_missing_stop_is_penalised_and_score_is_the_weighted_reward():
     # Short responses, so that some hit max_new_tokens without a stop.
     trainer = _trainer("~reward.terms.format", "~reward.terms.exact_match", "ppo.max_new_tokens=3",
                        "ppo.missing_eos_penalty=0.3",
-                       "+reward.terms.indexed={_target_:tests.test_ppo.indexed_reward,weight:0.5}")
+                       "+reward.terms.indexed={_target_:tests.test_ppo.indexed_reward,_partial_:true,weight:0.5}")
     scored = trainer.make_rollout()
     ended = scored.rollout.ended_with_stop.tolist()
     assert not all(ended), "the case needs episodes that hit max_new_tokens"

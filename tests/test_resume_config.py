@@ -14,6 +14,7 @@ import copy
 import logging
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -22,12 +23,12 @@ from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointError, CheckpointServi
 from so8t.checkpoint.identity import compare_identity
 from so8t.config import CONF_DIR, register
 from so8t.config.identity import config_identity
-from so8t.ppo.schedules import lr_multiplier
+from so8t.ppo.optim import build_lr_scheduler
 from so8t.resume_config import RESUME_SHAPE_KEYS, capture_hyperparameters, reapply_hyperparameters
 
 SHAPE_KEYS = (*DEFAULT_SHAPE_KEYS, *RESUME_SHAPE_KEYS)
 STRING_ALTERNATIVES = {"constant": "linear", "linear": "cosine", "cosine": "linear", "fixed": "adaptive",
-                       "adaptive": "fixed"}
+                       "adaptive": "fixed", "torch.optim.AdamW": "torch.optim.Adam"}
 
 
 def compose_cfg(*overrides: str):
@@ -61,12 +62,20 @@ def resume(cfg, run_dir):
     return trainer, surfaces, result
 
 
+def schedule_at(cfg, step: int) -> float:
+    """The LR the config's schedule gives at ``step``, from a scheduler of its own."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.ppo.optimizer.lr)
+    scheduler = build_lr_scheduler(optimizer, cfg.ppo.scheduler, cfg.max_steps)
+    for _ in range(step):
+        optimizer.step()
+        scheduler.step()
+    return optimizer.param_groups[0]["lr"]
+
+
 def settings(trainer, cfg) -> dict:
     """What the trainer will use from its config, the LR evaluated at its current step."""
-    opt = cfg.ppo.optimizer
     groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in trainer.optimizer.param_groups]
-    step = trainer.lr_scheduler.last_epoch
-    expected_lr = opt.learning_rate * lr_multiplier(step, opt.lr_schedule, opt.warmup_steps, cfg.max_steps)
+    expected_lr = schedule_at(cfg, trainer.lr_scheduler.last_epoch)
     out = {
         "groups": copy.deepcopy(groups),
         "base_lrs": list(trainer.lr_scheduler.base_lrs),
@@ -120,8 +129,9 @@ ACCEPTED = accepted_keys()
 
 def test_the_list_of_accepted_keys_covers_the_optimizer_schedule_kl_and_ppo_settings():
     keys = {k for k, _ in ACCEPTED}
-    for key in ("ppo.optimizer.learning_rate", "ppo.optimizer.betas", "ppo.optimizer.eps",
-                "ppo.optimizer.weight_decay", "ppo.optimizer.lr_schedule", "ppo.kl.init_coef", "ppo.clip_range"):
+    for key in ("ppo.optimizer.lr", "ppo.optimizer.betas", "ppo.optimizer.eps",
+                "ppo.optimizer.weight_decay", "ppo.scheduler.name", "ppo.scheduler.num_warmup_steps",
+                "ppo.kl.init_coef", "ppo.clip_range"):
         assert key in keys
 
 
@@ -162,13 +172,97 @@ def test_a_changed_seed_is_refused(saved):
 
 
 def test_a_longer_max_steps_restretches_a_decaying_schedule(tmp_path):
-    cfg = compose_cfg("ppo.optimizer.lr_schedule=linear", "max_steps=8")
+    cfg = compose_cfg("ppo.scheduler.name=linear", "max_steps=8")
     save_after(cfg, tmp_path, 4)  # LR at step 4 of 8: half the peak
     longer = copy.deepcopy(cfg)
     longer.max_steps = 16
     trainer, _, _ = resume(longer, tmp_path)
-    peak = cfg.ppo.optimizer.learning_rate
+    peak = cfg.ppo.optimizer.lr
     # The curve of a run started with max_steps=16, at step 4: 1 - 4/16 of the peak.
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(peak * (1 - 4 / 16), rel=1e-12)
     trainer.lr_scheduler.step()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(peak * (1 - 5 / 16), rel=1e-12)
+
+
+def test_a_changed_optimizer_class_is_refused(saved):
+    cfg, run_dir = saved
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.ppo.optimizer._target_ = "torch.optim.Adam"
+    with pytest.raises(CheckpointError, match="ppo.optimizer._target_: checkpoint 'torch.optim.AdamW' -> now "
+                                              "'torch.optim.Adam'"):
+        resume(new_cfg, run_dir)
+
+
+def test_a_resume_on_a_warm_up_and_cosine_schedule_is_bit_exact(tmp_path):
+    cfg = compose_cfg("ppo.scheduler.name=cosine", "ppo.scheduler.num_warmup_steps=2", "max_steps=5",
+                      "ppo.rollout_batch_size=8", "ppo.ppo_epochs=1")
+    straight = build_components(cfg).trainer
+    expected = [straight.train_step() for _ in range(5)]
+    save_after(cfg, tmp_path, 3)  # warm-up done, one update into the cosine
+    trainer, _, result = resume(cfg, tmp_path)
+    assert result.step == 3 and result.changed_keys == []
+    rows = [trainer.train_step() for _ in range(2)]
+    keys = ("lr", "loss/total", "reward/mean", "kl/mean")
+    assert [[row[k] for k in keys] for row in rows] == [[row[k] for k in keys] for row in expected[3:]]
+    assert [row["lr"] for row in expected][:3] == [0.0, cfg.ppo.optimizer.lr / 2, cfg.ppo.optimizer.lr]
+    for a, b in zip(trainer.policy.trainable_parameters(), straight.policy.trainable_parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(trainer.optimizer.state.values(), straight.optimizer.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert trainer.lr_scheduler.state_dict() == straight.lr_scheduler.state_dict()
+
+
+def earlier_identity(cfg) -> dict:
+    """The identity the earlier config layout recorded for this config (optimizer learning_rate and
+    schedule under ppo.optimizer, reward options under kwargs)."""
+    identity = config_identity(cfg)
+    identity.pop("ppo.optimizer._target_")
+    identity["ppo.optimizer.learning_rate"] = identity.pop("ppo.optimizer.lr")
+    identity["ppo.optimizer.lr_schedule"] = identity.pop("ppo.scheduler.name")
+    identity["ppo.optimizer.warmup_steps"] = identity.pop("ppo.scheduler.num_warmup_steps")
+    identity.pop("ppo.scheduler.scheduler_specific_kwargs", None)  # an empty dict flattens to nothing
+    identity["reward.terms.length.kwargs.start_fraction"] = 0.5
+    return identity
+
+
+def test_a_checkpoint_of_the_earlier_config_layout_is_refused_saying_what_to_do(tmp_path):
+    from so8t.resume_config import earlier_layout_refusal
+
+    cfg = compose_cfg("max_steps=2")
+    trainer = build_components(cfg).trainer
+    old = CheckpointService(tmp_path, cfg.checkpoint, trainer.stateful_parts(), earlier_identity(cfg),
+                            shape_keys=SHAPE_KEYS)
+    old.resume("auto")
+    trainer.train_step()
+    old.save_now(1, "manual")
+    old.close()
+    assert earlier_layout_refusal(config_identity(cfg)) is None
+    service = CheckpointService(tmp_path, cfg.checkpoint, trainer.stateful_parts(), config_identity(cfg),
+                                shape_keys=SHAPE_KEYS, refuse_identity=earlier_layout_refusal)
+    with pytest.raises(CheckpointError) as info:
+        service.resume("auto")
+    message = str(info.value)
+    assert "written with the earlier config layout (ppo.optimizer.learning_rate, ppo.optimizer.lr_schedule" in message
+    assert "ppo.optimizer.lr, not learning_rate" in message and "reward.terms.NAME.kwargs.OPTION" in message
+    assert "another run_name" in message
+
+
+@pytest.mark.slow
+def test_the_command_refuses_an_earlier_layout_run_folder_with_exit_2(tmp_path):
+    from tests.conftest import run_cli
+
+    cfg = compose_cfg("max_steps=2")
+    run_dir = tmp_path / "outputs" / "default" / "runs" / "earlier"
+    trainer = build_components(cfg).trainer
+    old = CheckpointService(run_dir, cfg.checkpoint, trainer.stateful_parts(), earlier_identity(cfg),
+                            shape_keys=SHAPE_KEYS)
+    old.resume("auto")
+    trainer.train_step()
+    old.save_now(1, "manual")
+    old.close()
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    proc = run_cli(tmp_path, "run_name=earlier", "max_steps=2", timeout=180)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "written with the earlier config layout" in proc.stdout and "Traceback" not in proc.stdout
+    # Nothing of the run is lost: its checkpoint is where it was.
+    assert all((run_dir / p).exists() for p in before)

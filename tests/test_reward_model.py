@@ -18,14 +18,14 @@ from tokenizers import processors
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from so8t.config import CONF_DIR
-from so8t.config.schema import RewardConfig, RewardTermConfig
+from so8t.config.schema import RewardConfig
 from so8t.errors import ModelNotAvailableError, SetupError
 from so8t.model.tiny import build_tiny_tokenizer
 from so8t.rewards import build_reward, check_reward_config
 from so8t.rewards.normalize import EPS, RewardNormalizer
 from so8t.rewards.reward_model import RewardModelTerm
 
-KEY = "reward.terms.reward_model.kwargs"
+KEY = "reward.terms.reward_model"
 CHAT_TEMPLATE = "<bos>{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
 
 PROMPTS = ["3+4=", "12+5=", "1+1=", "9+9="]
@@ -78,10 +78,13 @@ def direct_scores(model, tok, texts: list[str], add_special_tokens: bool, label:
     return scores
 
 
+def reward_cfg(terms: dict):
+    """A reward config node shaped exactly like the composed Hydra one."""
+    return OmegaConf.merge(OmegaConf.structured(RewardConfig), {"terms": terms})
+
+
 def term_cfg(path, **options):
-    return OmegaConf.structured(
-        RewardConfig(terms={"reward_model": RewardTermConfig(weight=1.0, kwargs={"path": str(path), **options})})
-    )
+    return reward_cfg({"reward_model": {"weight": 1.0, "path": str(path), **options}})
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +199,10 @@ def test_reward_model_is_a_weighted_term_loaded_once_and_receives_messages(chat_
         transformers.AutoModelForSequenceClassification, "from_pretrained",
         lambda *a, **k: loads.append(a) or original(*a, **k),
     )
-    cfg = OmegaConf.structured(RewardConfig(terms={
-        "format": RewardTermConfig(weight=0.2),
-        "reward_model": RewardTermConfig(weight=0.5, kwargs={"path": str(folder), "batch_size": 3}),
-    }))
+    cfg = reward_cfg({
+        "format": {"weight": 0.2},
+        "reward_model": {"weight": 0.5, "path": str(folder), "batch_size": 3},
+    })
     assert check_reward_config(cfg) == [] and loads == []  # validation loads nothing
     reward = build_reward(cfg)
     assert len(loads) == 1
@@ -222,16 +225,17 @@ def test_reward_model_is_a_weighted_term_loaded_once_and_receives_messages(chat_
 
 
 def test_a_second_reward_model_by_target_class(plain_rm, chat_rm):
-    cfg = OmegaConf.structured(RewardConfig(terms={
-        "reward_model": RewardTermConfig(weight=1.0, kwargs={"path": str(plain_rm[0])}),
-        "other": RewardTermConfig(weight=1.0, _target_="so8t.rewards.reward_model.RewardModelTerm",
-                                  kwargs={"path": str(chat_rm[0]), "batch_sise": 2}),
-    }))
+    cfg = reward_cfg({
+        "reward_model": {"weight": 1.0, "path": str(plain_rm[0])},
+        "other": {"weight": 1.0, "_target_": "so8t.rewards.reward_model.RewardModelTerm",
+                  "path": str(chat_rm[0]), "batch_sise": 2},
+    })
     assert check_reward_config(cfg) == [
-        "reward.terms.other.kwargs.batch_sise: unknown option of the reward model term (options: path, device, "
+        "reward.terms.other.batch_sise: unknown option of the reward model term (options: path, device, "
         "dtype, batch_size, max_length, label_index, local_files_only, trust_remote_code)"
     ]
-    cfg.terms.other.kwargs = {"path": str(chat_rm[0]), "batch_size": 2}
+    del cfg.terms.other["batch_sise"]
+    cfg.terms.other.batch_size = 2
     reward = build_reward(cfg)
     result = reward(completions=COMPLETIONS, prompts=PROMPTS, references=[None] * 4, eos=[True] * 4,
                     num_tokens=[3] * 4, max_new_tokens=8)
@@ -256,8 +260,8 @@ def test_messages_reach_every_term_and_are_checked():
     assert seen["messages"] == MESSAGES[:2]
     with pytest.raises(ValueError, match="2 completions but 1 messages"):
         reward(**args, messages=MESSAGES[:1])
-    cfg = OmegaConf.structured(RewardConfig(terms={"format": RewardTermConfig(kwargs={"messages": []})}))
-    assert any("reward.terms.format.kwargs.messages" in p for p in check_reward_config(cfg))
+    cfg = reward_cfg({"format": {"messages": []}})
+    assert any("reward.terms.format.messages" in p for p in check_reward_config(cfg))
 
 
 # --------------------------------------------------------------------------- refusals
@@ -275,16 +279,14 @@ def test_messages_reach_every_term_and_are_checked():
     ({"path": "x", "max_len": 8}, f"{KEY}.max_len: unknown option of the reward model term"),
 ])
 def test_bad_options_are_reported_by_check_reward_config_naming_the_key(options, needle):
-    problems = check_reward_config(OmegaConf.structured(
-        RewardConfig(terms={"reward_model": RewardTermConfig(kwargs=options)})
-    ))
+    problems = check_reward_config(reward_cfg({"reward_model": options}))
     assert len(problems) == 1 and problems[0].startswith(needle), problems
 
 
 def test_preset_requires_the_path_and_is_otherwise_valid():
     preset = OmegaConf.load(CONF_DIR / "reward" / "model.yaml")
     assert check_reward_config(preset) == [f"{KEY}.path must be set (it is ???)"]
-    preset.terms.reward_model.kwargs.path = "/does/not/exist"
+    preset.terms.reward_model.path = "/does/not/exist"
     assert check_reward_config(preset) == []  # options are checked; nothing is loaded
 
 
@@ -347,7 +349,7 @@ def test_cli_exits_2_naming_the_reward_model_folder(tmp_path):
     missing = tmp_path / "absent_rm"
     proc = subprocess.run(
         [sys.executable, "-m", "so8t.train", "output.progress_bars=false", "reward=model",
-         f"reward.terms.reward_model.kwargs.path={missing}", "max_steps=1"],
+         f"reward.terms.reward_model.path={missing}", "max_steps=1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -360,7 +362,7 @@ def test_cli_exits_2_naming_the_reward_model_folder(tmp_path):
 def test_cli_trains_with_a_reward_model(tmp_path, plain_rm):
     proc = subprocess.run(
         [sys.executable, "-m", "so8t.train", "output.progress_bars=false", "reward=model",
-         f"reward.terms.reward_model.kwargs.path={plain_rm[0]}", "reward.terms.reward_model.kwargs.batch_size=3",
+         f"reward.terms.reward_model.path={plain_rm[0]}", "reward.terms.reward_model.batch_size=3",
          "max_steps=2", "ppo.rollout_batch_size=8", "ppo.ppo_epochs=1", "run_name=rm"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 from omegaconf import OmegaConf
 
-from so8t.config.schema import RewardConfig, RewardTermConfig
+from so8t.config.schema import RewardConfig
+from so8t.errors import SetupError
 from so8t.rewards import BUILTIN_TERMS, RewardResult, build_reward, check_reward_config, parse_answer
 from so8t.rewards.terms import eos_reward, exact_match_reward, format_reward, length_penalty
 
@@ -42,7 +44,7 @@ def nan_reward(completions, **kwargs):
 
 def reward_cfg(terms: dict):
     """A reward config node shaped exactly like the composed Hydra one."""
-    return OmegaConf.structured(RewardConfig(terms={k: RewardTermConfig(**v) for k, v in terms.items()}))
+    return OmegaConf.merge(OmegaConf.structured(RewardConfig), {"terms": terms})
 
 
 def call(reward, completions, references=None, eos=None, num_tokens=None, max_new_tokens=10) -> RewardResult:
@@ -144,7 +146,7 @@ def test_weighted_total_and_per_term():
                 "format": {"weight": 0.2},
                 "exact_match": {"weight": 1.0},
                 "eos": {"weight": 0.5},
-                "length": {"weight": 0.1, "kwargs": {"start_fraction": 0.5}},
+                "length": {"weight": 0.1, "start_fraction": 0.5},
             }
         )
     )
@@ -174,9 +176,9 @@ def test_zero_weight_term_is_logged_but_not_counted():
     assert result.total == [0.0, 0.0]
 
 
-def test_accepts_plain_dicts():
-    reward = build_reward({"terms": {"format": {"weight": 2.0}}})
-    assert call(reward, [GOOD]).total == [2.0]
+def test_accepts_the_typed_config():
+    reward = build_reward(RewardConfig(terms={"format": {"weight": 2.0}, "length": {"start_fraction": 0.5}}))
+    assert call(reward, [GOOD], num_tokens=[10]).total == [1.0]  # 2 * 1 + 1 * -1
 
 
 # --------------------------------------------------------------------------- TRL and user terms
@@ -191,38 +193,43 @@ def test_trl_think_format_reward_as_term():
     with pytest.raises(TypeError):
         think_format_reward(["<think>r</think>answer"])
 
-    reward = build_reward(reward_cfg({"think": {"weight": 2.0, "_target_": "trl.rewards.think_format_reward"}}))
+    reward = build_reward(reward_cfg({"think": {"weight": 2.0, "_target_": "trl.rewards.think_format_reward",
+                                                  "_partial_": True}}))
     assert reward.terms[0].conversational
     result = call(reward, ["<think>r</think>answer", GOOD, "no think"])
     assert result.per_term["think"] == [1.0, 1.0, 0.0]
     assert result.total == [2.0, 2.0, 0.0]
 
 
-def test_user_target_term_with_kwargs():
+def test_user_target_term_with_options_is_a_partial_built_by_hydra():
     reward = build_reward(
-        reward_cfg({"mine": {"weight": 0.5, "_target_": "tests.test_rewards.my_reward", "kwargs": {"bonus": 1.0}}})
+        reward_cfg({"mine": {"weight": 0.5, "_target_": "tests.test_rewards.my_reward", "_partial_": True,
+                             "bonus": 1.0}})
     )
     assert not reward.terms[0].conversational
+    fn = reward.terms[0].fn
+    assert isinstance(fn, functools.partial) and fn.func is my_reward and fn.keywords == {"bonus": 1.0}
     result = call(reward, ["ab", "abcd"])
     assert result.per_term["mine"] == [3.0, 5.0]
     assert result.total == [1.5, 2.5]
 
 
 def test_term_returning_none_counts_as_zero():
-    reward = build_reward(reward_cfg({"skip": {"_target_": "tests.test_rewards.skip_all"}, "format": {}}))
+    skip = {"_target_": "tests.test_rewards.skip_all", "_partial_": True}
+    reward = build_reward(reward_cfg({"skip": skip, "format": {}}))
     result = call(reward, [GOOD, "x"])
     assert result.total == [1.0, 0.0]
     assert result.means()["skip"] is None
 
 
 def test_term_returning_wrong_length_is_named():
-    reward = build_reward(reward_cfg({"short": {"_target_": "tests.test_rewards.wrong_length"}}))
+    reward = build_reward(reward_cfg({"short": {"_target_": "tests.test_rewards.wrong_length", "_partial_": True}}))
     with pytest.raises(ValueError, match="reward term 'short' returned 1 scores for 3 completions"):
         call(reward, ["a", "b", "c"])
 
 
 def test_term_returning_nan_is_named():
-    reward = build_reward(reward_cfg({"bad": {"_target_": "tests.test_rewards.nan_reward"}}))
+    reward = build_reward(reward_cfg({"bad": {"_target_": "tests.test_rewards.nan_reward", "_partial_": True}}))
     with pytest.raises(ValueError, match="reward term 'bad' returned a non-finite score"):
         call(reward, ["a"])
 
@@ -231,7 +238,7 @@ def test_term_returning_nan_is_named():
 
 
 def test_unknown_builtin_names_key_and_lists_builtins():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(SetupError) as info:
         build_reward(reward_cfg({"formatt": {"weight": 1.0}}))
     message = str(info.value)
     assert "reward.terms.formatt" in message
@@ -243,7 +250,7 @@ def test_unimportable_target_names_key_and_path():
     errors = check_reward_config(reward_cfg({"x": {"_target_": "no_such_module.fn"}}))
     assert len(errors) == 1
     assert "reward.terms.x._target_" in errors[0] and "no_such_module.fn" in errors[0]
-    with pytest.raises(ValueError, match="reward.terms.x._target_"):
+    with pytest.raises(SetupError, match="reward.terms.x._target_"):
         build_reward(reward_cfg({"x": {"_target_": "trl.rewards.no_such_reward"}}))
 
 
@@ -251,18 +258,18 @@ def test_check_reward_config_collects_all_problems():
     cfg = reward_cfg(
         {
             "format": {"weight": math.inf},
-            "length": {"kwargs": {"start_frac": 0.5}},
-            "eos": {"kwargs": {"num_tokens": 3}},
-            "plain": {"_target_": "tests.test_rewards.no_kwargs"},
-            "factory": {"_target_": "trl.rewards.get_soft_overlong_punishment"},
+            "length": {"start_frac": 0.5},
+            "eos": {"num_tokens": 3},
+            "plain": {"_target_": "tests.test_rewards.no_kwargs", "_partial_": True},
+            "factory": {"_target_": "trl.rewards.get_soft_overlong_punishment", "_partial_": True},
             "typo": {},
         }
     )
     errors = check_reward_config(cfg)
     text = "\n".join(errors)
     assert "reward.terms.format.weight must be finite" in text
-    assert "reward.terms.length.kwargs.start_frac: unknown option" in text and "start_fraction" in text
-    assert "reward.terms.eos.kwargs.num_tokens" in text
+    assert "reward.terms.length.start_frac: unknown option" in text and "start_fraction" in text
+    assert "reward.terms.eos.num_tokens" in text
     assert "reward.terms.plain._target_" in text and "**kwargs" in text
     assert "reward.terms.factory._target_" in text
     assert "reward.terms.typo: unknown built-in" in text
@@ -270,7 +277,47 @@ def test_check_reward_config_collects_all_problems():
 
 
 def test_check_reward_config_option_values_and_empty():
-    errors = check_reward_config(reward_cfg({"length": {"kwargs": {"start_fraction": 1.5}}}))
-    assert errors and "reward.terms.length.kwargs" in errors[0] and "start_fraction" in errors[0]
+    errors = check_reward_config(reward_cfg({"length": {"start_fraction": 1.5}}))
+    assert errors == ["reward.terms.length.start_fraction must be a number in [0, 1), got 1.5"]
     assert check_reward_config(reward_cfg({})) == ["reward.terms is empty: configure at least one reward term"]
     assert check_reward_config(reward_cfg({"format": {}, "exact_match": {"weight": 1}})) == []
+
+
+def test_partial_must_match_what_the_target_is():
+    errors = check_reward_config(reward_cfg({
+        "fn": {"_target_": "tests.test_rewards.skip_all"},  # a function without _partial_: true
+        "cls": {"_target_": "so8t.rewards.reward_model.RewardModelTerm", "_partial_": True, "path": "/x"},
+        "odd": {"_target_": "tests.test_rewards.skip_all", "_partial_": "yes"},
+    }))
+    assert errors == [
+        "reward.terms.fn._partial_: tests.test_rewards.skip_all is a function, called on every batch with its "
+        "options: set reward.terms.fn._partial_=true (in YAML, _partial_: true beside _target_)",
+        "reward.terms.cls._partial_: so8t.rewards.reward_model.RewardModelTerm is a class, built once per run "
+        "with its options; remove reward.terms.cls._partial_",
+        "reward.terms.odd._partial_ must be true or false, got 'yes'",
+    ]
+
+
+def test_an_option_named_like_a_standard_argument_or_left_missing_is_refused():
+    errors = check_reward_config(reward_cfg({
+        "mine": {"_target_": "tests.test_rewards.my_reward", "_partial_": True, "completions": [], "bonus": "???"},
+    }))
+    assert "reward.terms.mine.bonus must be set (it is ???)" in errors
+    assert any(e.startswith("reward.terms.mine.completions: 'completions' is passed to every term") for e in errors)
+
+
+def test_terms_added_from_the_command_line_keep_working():
+    from so8t.build import check_config
+    from tests.conftest import compose
+
+    cfg = compose(["+reward.terms.length.weight=0.1", "+reward.terms.length.start_fraction=0.5",
+                   "reward.terms.format.weight=0.3",
+                   "+reward.terms.mine={_target_:tests.test_rewards.my_reward,_partial_:true,weight:2}",
+                   "+reward.terms.mine.bonus=1.5"])
+    assert check_config(cfg) == []
+    reward = build_reward(cfg.reward)
+    assert reward.weights == {"format": 0.3, "exact_match": 1.0, "length": 0.1, "mine": 2.0}
+    length = next(t for t in reward.terms if t.name == "length")
+    assert length.fn.func is length_penalty and length.fn.keywords == {"start_fraction": 0.5}
+    result = call(reward, [GOOD], num_tokens=[10])
+    assert result.per_term["length"] == [-1.0] and result.per_term["mine"] == [len(GOOD) + 1.5]

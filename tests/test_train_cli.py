@@ -156,7 +156,7 @@ def test_a_crash_marks_the_attempt_failed_logs_the_traceback_and_exits_non_zero(
     os.environ["PYTHONPATH"] = f"{repo}{os.pathsep}{env_path}" if env_path else str(repo)
     try:
         proc = run_cli(tmp_path, "run_name=crash",
-                       "+reward.terms.bug={_target_:tests.test_train_cli.exploding_reward,weight:1}")
+                       "+reward.terms.bug={_target_:tests.test_train_cli.exploding_reward,_partial_:true,weight:1}")
     finally:
         if env_path:
             os.environ["PYTHONPATH"] = env_path

@@ -89,12 +89,15 @@ class CheckpointService:
         world_size: int | None = None,
         fence: Callable[[], None] | None = None,
         ranks: Any = None,
+        refuse_identity: Callable[[Mapping[str, Any]], str | None] | None = None,
     ) -> None:
         """
         ``cfg``: a ``CheckpointConfig``-like object (attribute access). ``parts``: name →
         object with ``state_dict()``/``load_state_dict()``. ``config_identity``: flat dict of
         the result-shaping config keys, neutral keys (hardware, logging, checkpoint cadence,
         ``max_steps`` …) already removed by the caller — see :mod:`so8t.checkpoint.identity`.
+        ``refuse_identity``: given a checkpoint's saved identity, a reason to refuse resuming
+        it (e.g. a config layout this version cannot map), or None.
         """
         for name, part in parts.items():
             if not isinstance(name, str) or not name or name in _RESERVED_PARTS:
@@ -108,6 +111,7 @@ class CheckpointService:
         self.parts = dict(parts)
         self.extra_state = extra_state
         self.shape_keys = tuple(shape_keys)
+        self.refuse_identity = refuse_identity
         # Distributed hook: who writes, and how RNG states are handed over (so8t.distributed).
         from so8t.distributed import RankParts
 
@@ -484,6 +488,9 @@ class CheckpointService:
         saved_identity = manifest.get("config_identity") or {}
         if not isinstance(saved_identity, dict):  # verify() refuses it; a hand-made call might not
             raise CheckpointError(f"checkpoint {path} has a {MANIFEST_FILE} whose config_identity is not an object")
+        refusal = self.refuse_identity(saved_identity) if self.refuse_identity is not None else None
+        if refusal:
+            raise CheckpointError(f"cannot resume from {path}: {refusal}")
         refused, changed = compare_identity(saved_identity, identity, self.shape_keys)
         if refused:
             raise CheckpointError(

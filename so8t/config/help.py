@@ -12,7 +12,7 @@ from pathlib import Path
 GROUPS = {
     "model": "the base causal LM (the embedded tiny model, a local folder, a hub id in the local cache)",
     "adapter": "what is trained: SO(8) residual rotations (so8) or PEFT LoRA (lora)",
-    "ppo": "PPO: rollout and mini-batch sizes, clipping, KL penalty, optimizer and LR schedule",
+    "ppo": "PPO: rollout and mini-batch sizes, clipping, KL penalty, LR schedule; ppo/optimizer=adamw|adam|sgd",
     "reward": "the reward terms and their weights (format, exact answer, a reward model ...)",
     "data": "the prompts: the built-in arithmetic task or a JSONL file, chat template and system prompt",
     "checkpoint": "when checkpoints are saved (time, step or both) and how many are kept",

@@ -67,6 +67,20 @@ def yaml_comments(path: Path) -> tuple[str, dict[str, str]]:
     return " ".join(header or []), comments
 
 
+def _nested_option_comments(path: Path) -> dict[str, str]:
+    """Comments of the options an option file picks from a group of its own folder
+    (conf/ppo/default.yaml's ``optimizer: adamw`` is conf/ppo/optimizer/adamw.yaml), by their key."""
+    found: dict[str, str] = {}
+    for entry in OmegaConf.load(path).get("defaults", []) or []:
+        if not OmegaConf.is_dict(entry):
+            continue
+        for group, option in entry.items():
+            nested = path.parent / str(group) / f"{option}.yaml"
+            if nested.is_file():
+                found.update({f"{group}.{k}": v for k, v in yaml_comments(nested)[1].items()})
+    return found
+
+
 def _type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:
@@ -166,6 +180,7 @@ def render() -> str:
             comments = yaml_comments(base)[1] if base.exists() else {}
             header, own = yaml_comments(path)
             comments.update(own)
+            comments.update(_nested_option_comments(path))
             out += [f"### `{group}={option}`", ""]
             if header:
                 out += [header, ""]

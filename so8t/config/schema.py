@@ -66,13 +66,13 @@ class KLConfig:
 
 
 @dataclass
-class OptimizerConfig:
-    learning_rate: float = 1e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
+class SchedulerConfig:
+    # A transformers SchedulerType name (transformers.get_scheduler), stepped once per PPO update;
+    # its num_training_steps is max_steps.
+    name: str = "constant"
+    num_warmup_steps: int = 0
+    # Further arguments of that schedule (num_cycles, power, lr_end, min_lr_rate ...).
+    scheduler_specific_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,23 +96,32 @@ class PPOConfig:
     # null: recompute whenever the compute dtype is not float32.
     recompute_old_logprobs: Optional[bool] = None
     kl: KLConfig = field(default_factory=KLConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # A Hydra-instantiable torch.optim class: ``_target_`` and its own argument names (lr, betas ...).
+    # Untyped because each optimizer class takes other arguments; the conf/ppo/optimizer group holds
+    # presets and so8t.ppo.optim checks the arguments against the class's signature.
+    optimizer: Dict[str, Any] = MISSING
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 @dataclass
 class RewardTermConfig:
+    """The reserved keys of a reward term; the term's own options sit beside them (so a term
+    node is untyped, see RewardConfig.terms), and so8t.rewards checks them against its function."""
+
     weight: float = 1.0
-    # Dotted path of a reward function (a user's or one from ``trl.rewards``).
+    # Dotted path of a reward function (a user's or one from ``trl.rewards``) or class.
     # Built-in terms leave it null and are found by their name.
     _target_: Optional[str] = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    # true for a function: Hydra's instantiate binds the options into a functools.partial that
+    # is called on every batch; absent for a class, which is instantiated once with them.
+    _partial_: Optional[bool] = None
 
 
 @dataclass
 class RewardConfig:
-    # Values follow RewardTermConfig; typed Any so that `+reward.terms.NAME.weight=…` can add
-    # a term from the command line (OmegaConf cannot create a typed dict entry from a path).
-    # so8t.config.validate checks each term's keys against RewardTermConfig.
+    # Values are RewardTermConfig's keys plus the term's options; typed Any so that options can
+    # sit beside the weight and `+reward.terms.NAME.weight=…` can add a term from the command
+    # line. so8t.rewards checks each term (so8t.build.check_config, before any model is loaded).
     terms: Dict[str, Any] = field(default_factory=dict)
     skip_special_tokens: bool = True
     # Normalise the total reward by its running mean/std (so8t.rewards.normalize).

@@ -2,15 +2,24 @@
 
 Configuration
 -------------
-``reward.terms`` maps a term name to ``{weight, _target_, kwargs}``::
+``reward.terms`` maps a term name to a Hydra-instantiable node: its ``weight``, the
+``_target_`` that scores (with ``_partial_: true`` for a function) and the term's options
+beside them::
 
     reward:
       terms:
         format: {weight: 0.2}                       # built-in, found by its name
         exact_match: {weight: 1.0}
-        length: {weight: 0.1, kwargs: {start_fraction: 0.5}}
-        think: {weight: 0.1, _target_: trl.rewards.think_format_reward}
-        mine: {weight: 1.0, _target_: my_package.rewards.brevity, kwargs: {limit: 40}}
+        length: {weight: 0.1, start_fraction: 0.5}  # a built-in's options, beside its weight
+        think: {weight: 0.1, _target_: trl.rewards.think_format_reward, _partial_: true}
+        mine: {weight: 1.0, _target_: my_package.rewards.brevity, _partial_: true, limit: 40}
+
+Everything but ``weight`` goes to ``hydra.utils.instantiate``: a function term becomes
+``functools.partial(fn, **options)`` (hence ``_partial_: true``: without it Hydra would call the
+function once, at build time), called on every batch; a class term is instantiated once with its
+options (no ``_partial_``). A term is added from the command line with
+``+reward.terms.NAME.weight=0.5`` (a built-in) plus ``+reward.terms.NAME._target_=…`` and
+``+reward.terms.NAME._partial_=true`` for a function of one's own.
 
 The total reward of a completion is ``sum(weight * score)``; a weight of 0 keeps a term in
 the logs without letting it shape training. Built-in terms (``so8t.rewards.terms``):
@@ -29,15 +38,14 @@ The built-in ``reward_model`` term scores prompt + completion with an
         format: {weight: 0.2}
         reward_model:
           weight: 1.0
-          kwargs:
-            path: /models/my-reward-model   # a save_pretrained folder, or a hub id in the local cache
-            device: cpu                     # cpu, cuda, cuda:N or auto (cuda when there is one)
-            dtype: float32                  # float32, bfloat16 or float16
-            batch_size: 8                   # completions per forward pass
-            max_length: 1024                # longer texts keep their last max_length tokens
-            label_index: 0                  # which logit is the score
-            local_files_only: true          # never download
-            trust_remote_code: false
+          path: /models/my-reward-model   # a save_pretrained folder, or a hub id in the local cache
+          device: cpu                     # cpu, cuda, cuda:N or auto (cuda when there is one)
+          dtype: float32                  # float32, bfloat16 or float16
+          batch_size: 8                   # completions per forward pass
+          max_length: 1024                # longer texts keep their last max_length tokens
+          label_index: 0                  # which logit is the score
+          local_files_only: true          # never download
+          trust_remote_code: false
 
 Only ``path`` is required. The model is loaded once, when the reward is built; validation
 checks the options without loading it. With a chat template on the reward model's tokenizer
@@ -49,17 +57,17 @@ otherwise the prompt text followed by the completion (details in
 Classes as terms
 ----------------
 A ``_target_`` (or a built-in) that is a class is instantiated once per run with the term's
-``kwargs`` as keyword arguments, and the instance is called like a reward function - the
+options as keyword arguments, and the instance is called like a reward function - the
 way to keep a model or other expensive state between calls. Validation does not instantiate
-it: it checks the kwargs against the constructor's signature, or calls the class's
-``check_options(kwargs) -> list[str]`` when it has one (then its messages, and those of the
+it: it checks the options against the constructor's signature, or calls the class's
+``check_options(options) -> list[str]`` when it has one (then its messages, and those of the
 errors its constructor raises, start with the option's name). A ValueError, SetupError or
 ModelNotAvailableError from the constructor refuses the run (exit code 2) naming the term.
 
 Writing a reward function
 -------------------------
-A reward function is any importable callable, named by its dotted path in ``_target_``.
-It is called with keyword arguments only::
+A reward function is any importable callable, named by its dotted path in ``_target_``
+(with ``_partial_: true``). It is called with keyword arguments only::
 
     def my_reward(completions, references, **kwargs) -> list[float | None]:
         ...
@@ -78,7 +86,7 @@ arguments added later do not break it):
 * ``eos`` – ``list[bool]``, whether each response ended with the EOS token;
 * ``num_tokens`` – ``list[int]``, the number of response tokens;
 * ``max_new_tokens`` – ``int``, the rollout's response-length limit;
-* every key of the term's ``kwargs``.
+* every option of the term (the keys beside ``weight``, ``_target_`` and ``_partial_``).
 
 It returns one float (or None, meaning "no score": it counts as 0 in the total and is left
 out of the term's logged mean) per completion. Scores are used as given, unweighted; the
@@ -97,12 +105,15 @@ import inspect
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
 
 from so8t.errors import ModelNotAvailableError, SetupError
 from so8t.rewards.format import ParsedAnswer, parse_answer
 from so8t.rewards.terms import BUILTIN_CLASSES, BUILTIN_OPTION_CHECKS, BUILTIN_TERMS, STANDARD_ARGS
+from so8t.targets import HYDRA_KEYS, locate
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +132,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RewardTerm:
-    """One configured term: its function, weight and fixed keyword options."""
+    """One configured term: its function (its options bound, or a built instance) and weight."""
 
     name: str
     fn: Callable[..., Any]
     weight: float
-    kwargs: dict[str, Any] = field(default_factory=dict)
     # True for TRL's functions, which want completions as message lists (see module doc).
     conversational: bool = False
 
@@ -202,7 +212,7 @@ class RewardFunction:
                 term_completions = as_messages
             else:
                 term_completions = list(completions)
-            raw = term.fn(completions=term_completions, **common, **term.kwargs)
+            raw = term.fn(completions=term_completions, **common)
             scores = _checked_scores(term.name, raw, n)
             per_term[term.name] = scores
             for i, score in enumerate(scores):
@@ -237,20 +247,8 @@ def _checked_scores(name: str, raw: Any, n: int) -> list[float | None]:
     return scores
 
 
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    """Read a key from a DictConfig, a plain dict or a dataclass alike."""
-    if isinstance(node, Mapping):
-        return node.get(key, default)
-    return getattr(node, key, default)
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers become plain dicts/lists, so user functions get ordinary types."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
+# The keys of a term that are not options of its function: the weight, and Hydra's own.
+TERM_KEYS = ("weight", *HYDRA_KEYS)
 
 
 @dataclass(frozen=True)
@@ -259,21 +257,29 @@ class _TermSpec:
 
     name: str
     key: str
-    fn: Callable[..., Any]
+    # What hydra.utils.instantiate builds: _target_, _partial_ (functions) and the options.
+    node: dict[str, Any]
     weight: float
-    options: dict[str, Any]
     is_class: bool
     conversational: bool
+    # A class with check_options starts its messages with the option's name.
+    names_options: bool
 
 
-def _missing_options(key: str, term_cfg: Any) -> list[str]:
-    """``???`` values in a term's kwargs (a preset's required option left unset)."""
-    from omegaconf import OmegaConf
+def _path_of(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
 
-    node = _get(term_cfg, "kwargs")
-    if not OmegaConf.is_config(node) or not hasattr(node, "keys"):
-        return []
-    return [f"{key}.kwargs.{name} must be set (it is ???)" for name in node.keys() if OmegaConf.is_missing(node, name)]
+
+def _term_node(key: str, term_cfg: Any, errors: list[str]) -> DictConfig | None:
+    """The term as a DictConfig (a plain dict from a test or a typed conversion becomes one)."""
+    if OmegaConf.is_dict(term_cfg):
+        return term_cfg
+    if isinstance(term_cfg, Mapping):
+        return OmegaConf.create(dict(term_cfg))
+    if term_cfg is None:  # `reward.terms.NAME: {}` written as `NAME:` in YAML
+        return OmegaConf.create({})
+    errors.append(f"{key} must be a mapping of weight, _target_, _partial_ and the term's options, got {term_cfg!r}")
+    return None
 
 
 def _resolve_terms(reward_cfg: Any) -> tuple[list[_TermSpec], list[str]]:
@@ -283,32 +289,34 @@ def _resolve_terms(reward_cfg: Any) -> tuple[list[_TermSpec], list[str]]:
     """
     specs: list[_TermSpec] = []
     errors: list[str] = []
-    terms_cfg = _get(reward_cfg, "terms") or {}
+    terms_cfg = reward_cfg.terms
     if not terms_cfg:
         errors.append("reward.terms is empty: configure at least one reward term")
-    for name, term_cfg in terms_cfg.items():
+        return specs, errors
+    for name, raw in terms_cfg.items():
         key = f"reward.terms.{name}"
         before = len(errors)
+        term_cfg = _term_node(key, raw, errors)
+        if term_cfg is None:
+            continue
 
-        weight = _get(term_cfg, "weight", 1.0)
+        weight = term_cfg.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             errors.append(f"{key}.weight must be a number, got {weight!r}")
         elif not math.isfinite(weight):
             errors.append(f"{key}.weight must be finite, got {weight}")
 
-        missing = _missing_options(key, term_cfg)
+        option_names = [str(k) for k in term_cfg.keys() if str(k) not in TERM_KEYS]
+        missing = [f"{key}.{option} must be set (it is ???)" for option in option_names
+                   if OmegaConf.is_missing(term_cfg, option)]
         errors.extend(missing)
-        options = _plain(_get(term_cfg, "kwargs")) or {}
-        if not isinstance(options, Mapping):
-            errors.append(f"{key}.kwargs must be a mapping, got {options!r}")
-            options = {}
-        options = dict(options)
-        for clash in sorted(set(options) & set(STANDARD_ARGS)):
-            errors.append(
-                f"{key}.kwargs.{clash}: '{clash}' is passed to every term by SO8T and cannot be set"
-            )
+        # Plain values (no OmegaConf nodes), so checks and user code see ordinary dicts and lists.
+        plain = {} if missing else OmegaConf.to_container(term_cfg, resolve=True)
+        options = {option: plain[option] for option in option_names} if plain else {}
+        for clash in sorted(set(option_names) & set(STANDARD_ARGS)):
+            errors.append(f"{key}.{clash}: '{clash}' is passed to every term by SO8T and cannot be set")
 
-        target = _get(term_cfg, "_target_")
+        target = term_cfg.get("_target_")
         fn: Callable[..., Any] | None = None
         if target:
             fn = _load_target(key, str(target), errors)
@@ -322,9 +330,12 @@ def _resolve_terms(reward_cfg: Any) -> tuple[list[_TermSpec], list[str]]:
             errors.append(
                 f"{key}: unknown built-in reward term '{name}'. Built-in terms: "
                 f"{', '.join(builtins)}; or set {key}._target_ to the dotted "
-                "path of a reward function"
+                "path of a reward function (with _partial_: true)"
             )
         is_class = inspect.isclass(fn)
+        partial = term_cfg.get("_partial_")
+        if fn is not None:
+            _check_partial(key, str(target or name), is_class, partial, bool(target), errors)
         if is_class and not missing:
             _check_class_options(key, fn, options, errors)
         elif fn is not None and target:
@@ -332,30 +343,47 @@ def _resolve_terms(reward_cfg: Any) -> tuple[list[_TermSpec], list[str]]:
 
         if fn is not None and len(errors) == before:
             module = getattr(fn, "__module__", None) or ""
+            # A built-in is named by where it is defined; a configured path is kept as written.
+            node = {"_target_": str(target) if target else _path_of(fn), **options}
+            if not is_class:
+                node["_partial_"] = True
             specs.append(
                 _TermSpec(
                     name=str(name),
                     key=key,
-                    fn=fn,
+                    node=node,
                     weight=float(weight),
-                    options=options,
                     is_class=is_class,
                     conversational=module == "trl" or module.startswith("trl."),
+                    names_options=callable(getattr(fn, "check_options", None)),
                 )
             )
     return specs, errors
 
 
-def _load_target(key: str, target: str, errors: list[str]) -> Callable[..., Any] | None:
-    # hydra's get_method imports the module and checks the object is callable; any error
-    # while importing a user's module is reported here rather than crashing validation.
-    from hydra.utils import get_method
+def _check_partial(key: str, what: str, is_class: bool, partial: Any, explicit: bool, errors: list[str]) -> None:
+    """A function term is a ``functools.partial`` of its options (``_partial_: true``), called on
+    every batch; a class term is built once with its options (no ``_partial_``)."""
+    if partial not in (None, True, False):
+        errors.append(f"{key}._partial_ must be true or false, got {partial!r}")
+    elif is_class and partial:
+        errors.append(f"{key}._partial_: {what} is a class, built once per run with its options; "
+                      f"remove {key}._partial_")
+    elif not is_class and explicit and not partial:
+        errors.append(f"{key}._partial_: {what} is a function, called on every batch with its options: "
+                      f"set {key}._partial_=true (in YAML, _partial_: true beside _target_)")
 
+
+def _load_target(key: str, target: str, errors: list[str]) -> Callable[..., Any] | None:
     try:
-        return get_method(target)
-    except Exception as exc:  # noqa: BLE001 - a user's module may raise anything on import
+        fn = locate(target)
+    except ImportError as exc:
         errors.append(f"{key}._target_: cannot load '{target}': {exc}")
         return None
+    if not callable(fn):
+        errors.append(f"{key}._target_: '{target}' is a {type(fn).__name__}, not a function or a class")
+        return None
+    return fn
 
 
 def _check_signature(key: str, fn: Callable[..., Any], errors: list[str]) -> None:
@@ -386,46 +414,48 @@ def _check_builtin_options(
     ]
     for option in sorted(set(options) - set(declared) - set(STANDARD_ARGS)):
         known = ", ".join(declared) if declared else "none"
-        errors.append(f"{key}.kwargs.{option}: unknown option of built-in term '{name}' (options: {known})")
+        errors.append(f"{key}.{option}: unknown option of built-in term '{name}' (options: {known})")
     check = BUILTIN_OPTION_CHECKS.get(name)
     if check is not None:
-        errors.extend(f"{key}.kwargs: {problem}" for problem in check(options))
+        errors.extend(f"{key}.{problem}" for problem in check(options))
 
 
 def _check_class_options(key: str, cls: type, options: dict, errors: list[str]) -> None:
-    """Check a class term's kwargs without instantiating it (that may load a model)."""
+    """Check a class term's options without instantiating it (that may load a model)."""
     check = getattr(cls, "check_options", None)
     if callable(check):
-        errors.extend(f"{key}.kwargs.{problem}" for problem in check(options))
+        errors.extend(f"{key}.{problem}" for problem in check(options))
     else:
         try:
             inspect.signature(cls).bind(**options)
         except TypeError as exc:
-            errors.append(f"{key}.kwargs: {cls.__qualname__} cannot be built with these options: {exc}")
+            errors.append(f"{key}: {cls.__qualname__} cannot be built with these options: {exc}")
         except ValueError:
             pass  # no signature to compare with; instantiation will tell
     _check_signature(key, cls.__call__, errors)
 
 
 def _build_term(spec: _TermSpec) -> RewardTerm:
-    fn, kwargs = spec.fn, spec.options
-    if spec.is_class:
-        # Classes with check_options start their messages with the option's name.
-        where = f"{spec.key}.kwargs." if callable(getattr(spec.fn, "check_options", None)) else f"{spec.key}: "
-        try:
-            fn = spec.fn(**spec.options)
-        except ModelNotAvailableError as exc:
-            raise ModelNotAvailableError(f"{where}{exc}") from exc
-        except (SetupError, ValueError) as exc:
-            raise SetupError(f"{where}{exc}") from exc
-        kwargs = {}  # the options went to the constructor
-    return RewardTerm(
-        name=spec.name, fn=fn, weight=spec.weight, kwargs=kwargs, conversational=spec.conversational
-    )
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    where = f"{spec.key}." if spec.names_options else f"{spec.key}: "
+    try:
+        # A function becomes functools.partial(fn, **options); a class is instantiated with them.
+        # _convert_=all: user code gets plain dicts and lists, not OmegaConf nodes.
+        fn = instantiate(spec.node, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, ModelNotAvailableError):
+            raise ModelNotAvailableError(f"{where}{cause}") from cause
+        if isinstance(cause, (SetupError, ValueError, TypeError)):
+            raise SetupError(f"{where}{cause}") from cause
+        raise
+    return RewardTerm(name=spec.name, fn=fn, weight=spec.weight, conversational=spec.conversational)
 
 
 def check_reward_config(reward_cfg: Any) -> list[str]:
-    """Problems with a reward config, without running any term (empty list when fine).
+    """Problems with ``reward`` (a RewardConfig node), without running any term (empty when fine).
 
     Imports each ``_target_`` so that a wrong path is reported before any model is built;
     class terms (such as ``reward_model``) are checked, not instantiated.
@@ -434,7 +464,7 @@ def check_reward_config(reward_cfg: Any) -> list[str]:
 
 
 def build_reward(reward_cfg: Any) -> RewardFunction:
-    """Build the weighted reward from ``reward_cfg`` (a DictConfig, dict or RewardConfig).
+    """Build the weighted reward from ``reward_cfg`` (a RewardConfig node: ``reward_cfg.terms``).
 
     Class terms are instantiated here, once, after the whole config was found valid; a model
     that cannot be loaded raises ModelNotAvailableError, other refusals SetupError, each
@@ -442,7 +472,7 @@ def build_reward(reward_cfg: Any) -> RewardFunction:
     """
     specs, errors = _resolve_terms(reward_cfg)
     if errors:
-        raise ValueError("invalid reward config:\n  " + "\n  ".join(errors))
+        raise SetupError("invalid reward config:\n  " + "\n  ".join(errors))
     reward = RewardFunction([_build_term(spec) for spec in specs])
     log.info("reward: %s", reward)
     return reward

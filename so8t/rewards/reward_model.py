@@ -1,6 +1,6 @@
 """The ``reward_model`` term: scores from an ``AutoModelForSequenceClassification``.
 
-Configured like any term (``weight``, ``kwargs``); its options are the keyword arguments
+Configured like any term (``weight`` and the options beside it); its options are the keyword arguments
 of :class:`RewardModelTerm`. The model and its tokenizer are loaded once, when the reward is
 built for a run; config validation only checks the options (:func:`check_options`), so a
 wrong option is reported in seconds without loading anything.

@@ -2,7 +2,8 @@
 
 Every term follows the calling convention documented in :mod:`so8t.rewards`: it is called
 with keyword arguments only and returns one float (or None) per completion. Options a term
-takes from ``reward.terms.<name>.kwargs`` are keyword parameters after the common ones.
+takes (the keys of ``reward.terms.<name>`` beside its weight) are keyword parameters after the
+common ones.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from so8t.rewards.reward_model import RewardModelTerm
 
 log = logging.getLogger(__name__)
 
-# Arguments every term receives on every call; config kwargs may not reuse these names.
+# Arguments every term receives on every call; a term's options may not reuse these names.
 STANDARD_ARGS = (
     "completions",
     "prompts",
@@ -99,7 +100,7 @@ BUILTIN_TERMS: dict[str, Callable[..., list]] = {
     "length": length_penalty,
 }
 
-# Built-in terms that hold a model: classes built once per run with the term's kwargs; the
+# Built-in terms that hold a model: classes built once per run with the term's options; the
 # instance is then called like a function. Their options are checked by their ``check_options``.
 BUILTIN_CLASSES: dict[str, type] = {
     "reward_model": RewardModelTerm,
