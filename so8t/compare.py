@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from so8t.exit_codes import ExitCode
 from so8t.run.metrics import read_metrics
 
 __all__ = ["Run", "Skipped", "find_runs", "load_run", "compare", "main", "JSON_VERSION"]
@@ -906,7 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in args.filter:
         if "=" not in spec or not spec.partition("=")[0].strip():
             print(f"so8t-compare: --filter {spec!r} must look like KEY=VALUE", file=sys.stderr)
-            return 2
+            return ExitCode.REFUSED
     cmp = compare(args.paths, args.metric or [DEFAULT_METRIC], args.sort, args.filter)
     for skipped in cmp.skipped:
         print(f"so8t-compare: skipped {_display_path(skipped.path.resolve())}: {skipped.reason}",
@@ -932,12 +933,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = plot(cmp, args.plot)
         except ImportError:
             print("so8t-compare: --plot needs matplotlib (pip install \"so8t[plot]\")", file=sys.stderr)
-            return 2
+            return ExitCode.REFUSED
         except OSError as exc:
             print(f"so8t-compare: cannot write {args.plot}: {_short(exc)}", file=sys.stderr)
-            return 2
+            return ExitCode.REFUSED
         print(f"so8t-compare: plot written to {path}", file=sys.stderr)
-    return 0 if cmp.found else 1
+    # 1 (FAILED): nothing to compare was found below the given folders.
+    return ExitCode.OK if cmp.found else ExitCode.FAILED
 
 
 def _unknown_keys(cmp: Comparison, keys: Sequence[str]) -> list[str]:

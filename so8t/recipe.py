@@ -15,15 +15,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from so8t.exit_codes import ExitCode
+
 log = logging.getLogger(__name__)
 
-# Exit codes a job script can act on (a stop signal exits with 128 + its number).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_REFUSED = 2  # the config, or the checkpoints in the run dir, do not allow this run
-EXIT_LOCKED = 3  # another live process holds the run dir
-EXIT_CHECKPOINTING = 74  # checkpoints kept failing (a full disk?): stopped rather than train unprotected
-EXIT_DEADLINE = 75  # stopped with a checkpoint before max_wall_seconds: re-run to continue
+# The exit codes under the names this module has always exported (so8t.exit_codes defines them).
+EXIT_OK = ExitCode.OK
+EXIT_FAILED = ExitCode.FAILED
+EXIT_REFUSED = ExitCode.REFUSED
+EXIT_LOCKED = ExitCode.LOCKED
+EXIT_CHECKPOINTING = ExitCode.CHECKPOINTING
+EXIT_DEADLINE = ExitCode.DEADLINE
 
 
 def run_dir_of_job() -> Path:
@@ -122,7 +124,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     except SetupError as exc:
         open_run_log()
         log.error("%s", exc)
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
     distributed.redirect_rank_log(run_dir, group)
     incoming = _hydra_output_subdir()
     lock = RunLock(run_dir)
@@ -131,13 +133,13 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
         try:
             lock.acquire()
         except RunLockedError as exc:
-            refusal = (EXIT_LOCKED, str(exc))
+            refusal = (ExitCode.LOCKED, str(exc))
         except RunLockUnavailableError as exc:
-            refusal = (EXIT_REFUSED, str(exc))
+            refusal = (ExitCode.REFUSED, str(exc))
     refusal = group.broadcast(refusal)
     if refusal is not None:
         code, message = refusal
-        if code == EXIT_LOCKED:
+        if code == ExitCode.LOCKED:
             # The run is another live process's: leave its train.log and .hydra/ alone.
             discard_run_log()
             discard_hydra_files(run_dir, incoming)
@@ -152,7 +154,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     session = SessionFile(run_dir) if group.is_main else distributed.NullSession()
     try:
         if group.broadcast(_completed_already(cfg, run_dir, session) if group.is_main else None):
-            return EXIT_OK
+            return ExitCode.OK
         if group.is_main:
             archive_hydra_config(run_dir)
         session.load()
@@ -160,7 +162,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
         return _train(cfg, run_dir, session, stop, deadline, lock, group)
     except (CheckpointError, ModelNotAvailableError, SetupError) as exc:
         log.error("%s", exc)
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
     except Exception:
         # The traceback goes to train.log; the attempt (opened here if setup failed before
         # training began) is closed as failed.
@@ -170,8 +172,8 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
             log.error("%s", hint)
         if session.attempt_index is None:
             session.start_attempt(cfg.max_steps, None, None)
-            session.end_attempt("failed", "exception", EXIT_FAILED)
-        return EXIT_FAILED
+            session.end_attempt("failed", "exception", ExitCode.FAILED)
+        return ExitCode.FAILED
     finally:
         stop.restore()
         lock.release()
@@ -254,8 +256,8 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
             # its end checkpoint and the export): this attempt finished the run; record it.
             session.start_attempt(cfg.max_steps, identity, step)
             session.update(step, trainer.counters.training_time)
-            session.end_attempt("completed", "end", EXIT_OK)
-        return EXIT_OK
+            session.end_attempt("completed", "end", ExitCode.OK)
+        return ExitCode.OK
 
     from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
 
@@ -265,10 +267,10 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
         trackers = open_trackers(cfg, run_dir, session, step) if group.is_main else distributed.NullWriter()
     except SetupError:
         checkpoints.close()
-        session.end_attempt("failed", "refused", EXIT_REFUSED)
+        session.end_attempt("failed", "refused", ExitCode.REFUSED)
         raise
     samples = MetricsWriter(run_dir / cfg.output.samples_file) if group.is_main else distributed.NullWriter()
-    status, reason, code = "failed", "exception", EXIT_FAILED
+    status, reason, code = "failed", "exception", ExitCode.FAILED
     try:
         try:
             status, reason, code = _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline)
@@ -281,21 +283,21 @@ def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lo
             # Nothing more is written: the folder, session.json included, is the new owner's.
             log.error("%s", exc)
             session.detach()
-            status, reason, code = "failed", "taken over", EXIT_LOCKED
+            status, reason, code = "failed", "taken over", ExitCode.LOCKED
             return code
         except CheckpointingStalledError as exc:
             log.error("%s", exc)
-            status, reason, code = "failed", "checkpointing", EXIT_CHECKPOINTING
+            status, reason, code = "failed", "checkpointing", ExitCode.CHECKPOINTING
         except CheckpointError as exc:  # the end checkpoint: the run must not be called completed
             log.error("%s; the run is not completed: run the same command again once saving works", exc)
-            status, reason, code = "failed", "checkpointing", EXIT_CHECKPOINTING
+            status, reason, code = "failed", "checkpointing", ExitCode.CHECKPOINTING
         if status == "completed":
             try:
                 _export_final(cfg, components, run_dir)
             except OSError as exc:  # a full disk: the end checkpoint holds the result
                 log.error("could not write final/: %s; the run is not completed (its end checkpoint is "
                           "intact): run the same command again once there is room", exc)
-                status, reason, code = "failed", "export", EXIT_CHECKPOINTING
+                status, reason, code = "failed", "export", ExitCode.CHECKPOINTING
                 return code
         log.info("%s", run_summary(run_dir, status, trainer.counters.step, cfg.max_steps, step,
                                    trainer.counters.training_time, cfg.output.metrics_file))
@@ -380,7 +382,7 @@ def _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline:
                 log.warning("stopping before max_wall_seconds=%s: the next update and a save might not fit",
                             cfg.max_wall_seconds)
                 _stop_save(checkpoints, session, trainer, "deadline", deadline)
-                return "interrupted", "deadline", EXIT_DEADLINE
+                return "interrupted", "deadline", ExitCode.DEADLINE
             epochs.reset()
             row = trainer.train_step(on_epoch=lambda _epoch: epochs.update(1))
             deadline.observe_step(row["time/step"])
@@ -401,4 +403,4 @@ def _loop(cfg, trainer, checkpoints, trackers, samples, session, stop, deadline:
                     "(a second Ctrl+C aborts at once)", stop.name, trainer.counters.step, stop.exit_code)
         _stop_save(checkpoints, session, trainer, "signal", deadline)
         return "interrupted", stop.name or "signal", stop.exit_code
-    return "completed", "end", EXIT_OK
+    return "completed", "end", ExitCode.OK
