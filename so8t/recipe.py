@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from so8t.exit_codes import ExitCode
+from so8t.run.clock import Deadline, process_started
 
 log = logging.getLogger(__name__)
 
@@ -39,45 +40,6 @@ def _hydra_output_subdir() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().output_subdir if HydraConfig.initialized() else None
-
-
-def _process_started() -> float:
-    """``time.monotonic()`` when this process started, so ``max_wall_seconds`` also counts the
-    interpreter and Hydra start-up (seconds on a loaded machine), as a job's clock does.
-    Linux reads /proc/self/stat; elsewhere (or if that fails) it is now."""
-    now = time.monotonic()
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return now
-    return now - age if age >= 0 else now
-
-
-class Deadline:
-    """Stops before ``max_wall_seconds`` with time left for one more update and a save."""
-
-    def __init__(self, max_wall_seconds: float | None, started: float):
-        self.limit = max_wall_seconds
-        self.started = started
-        self.slowest_step = 0.0
-        self.slowest_save = 0.0
-
-    def observe_step(self, seconds: float) -> None:
-        self.slowest_step = max(self.slowest_step, seconds)
-
-    def observe_save(self, seconds: float) -> None:
-        self.slowest_save = max(self.slowest_save, seconds)
-
-    def next_step_would_overrun(self) -> bool:
-        # Without a measured update there is nothing to go on, and an attempt that stopped
-        # before its first update would be requeued forever: every attempt makes one.
-        if self.limit is None or self.slowest_step == 0.0:
-            return False
-        elapsed = time.monotonic() - self.started
-        # The measured worst step and save, with a margin for jitter.
-        return elapsed + 1.5 * (self.slowest_step + self.slowest_save) + 1.0 > self.limit
 
 
 def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
@@ -114,7 +76,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
     from so8t.run.session import SessionFile
     from so8t.run.signals import StopSignal
 
-    started = _process_started()
+    started = process_started()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_of_job()
     # Distributed hook (so8t.distributed): join the launcher's process group (a lone process
     # is a group of one); rank 0 holds the lock, and its outcome is every rank's.
