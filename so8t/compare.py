@@ -85,13 +85,13 @@ import math
 import os
 import re
 import shutil
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from so8t.exit_codes import ExitCode
+from so8t.run.lock import held_by_live_process
 from so8t.run.metrics import read_metrics
 
 __all__ = ["Run", "Skipped", "find_runs", "load_run", "compare", "main", "JSON_VERSION"]
@@ -222,7 +222,7 @@ def load_run(path: Path, root: Path | None = None) -> Run:
     attempts = [a for a in session.get("attempts") or [] if isinstance(a, dict)]
     last_ckpt = session.get("last_checkpoint")
     status = session.get("status")
-    if status == "running" and not _held_by_live_process(path):
+    if status == "running" and not held_by_live_process(path):
         status = "killed"
     return Run(
         path=path,
@@ -336,28 +336,6 @@ def _names(path: Path, root: Path | None, config: dict[str, Any]) -> tuple[str, 
     else:
         rel = path.name
     return (experiment if isinstance(experiment, str) else "?"), (rel if rel != "." else path.name)
-
-
-def _held_by_live_process(path: Path) -> bool:
-    """Whether the run's lock holder record names a live process (unknown host: assume so)."""
-    try:
-        holder = json.loads((path / ".lock").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # a live run always has its record
-    if not isinstance(holder, dict):
-        return False
-    if holder.get("host") != socket.gethostname():
-        return True  # cannot tell from here
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 # ------------------------------------------------------------------------------------------
