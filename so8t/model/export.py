@@ -25,30 +25,16 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 def replace_dir(target: Path, write) -> None:
     """Fill a sibling temporary folder with ``write(tmp)`` and swap it in for ``target``,
     so a crash leaves either the old export or the new one, never a mix."""
-    import shutil
-
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    from so8t.run.atomic import fsync_dir
+    from so8t.run.atomic import write_dir_atomically
     from so8t.run.folder_manifest import write_manifest
 
-    tmp.mkdir(parents=True)
-    try:
+    def fill(tmp: Path) -> None:
         write(tmp)
-        # Hashes every file into MANIFEST.json and fsyncs them all, so the rename below can only
-        # ever expose a complete, durable export; so8t-train verifies it before calling a run done.
+        # Hashes every file into MANIFEST.json, so so8t-train can verify final/ before calling
+        # a run done.
         write_manifest(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+
+    write_dir_atomically(target, fill)
 
 
 def save_final(policy, tokenizer, model_cfg: dict, adapter_cfg: dict, gate: float | None, out_dir: Path,
