@@ -43,7 +43,7 @@ def _hydra_output_subdir() -> str | None:
 
 
 def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
-    from so8t.model.export import save_final
+    from so8t.final_policy import save_final
 
     if not components.trainer.group.is_main:  # distributed hook: rank 0 writes final/
         return
