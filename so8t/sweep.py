@@ -79,8 +79,9 @@ def final_reward(run_dir: str | os.PathLike[str], metrics_file: str = "metrics.j
     Steps redone after a resume count once (the last row per step wins). NaN when the run
     logged no value of the metric.
     """
-    from so8t.run.metrics import read_metrics
+    from so8t.run.metrics import current_metric_name, read_metrics
 
+    metric = current_metric_name(metric)  # an old name in a sweep's optimized_metric still reads
     values = [r[metric] for r in read_metrics(Path(run_dir) / metrics_file)
               if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)]
     if not values:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from so8t.compare.text import is_number
+from so8t.run.metrics import current_metric_name
 
 DEFAULT_METRIC = "reward/mean"
 
@@ -50,6 +51,8 @@ def unique_metrics(metrics: Sequence[str]) -> list[Metric]:
     specs: list[Metric] = []
     for text in metrics or (DEFAULT_METRIC,):
         spec = Metric.parse(text)
+        # An old name (--metric entropy) names today's metric: the rows are read under those.
+        spec = Metric(current_metric_name(spec.name), spec.mode)
         if spec.name not in {s.name for s in specs}:
             specs.append(spec)
     return specs
