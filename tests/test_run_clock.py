@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from so8t.run.clock import Deadline, process_started
 
 
@@ -34,3 +36,16 @@ def test_the_deadline_stops_once_the_measured_step_and_save_would_not_fit():
     deadline.observe_save(2.0)
     assert deadline.next_step_would_overrun()  # 5 + 1.5 * 3 + 1 > 10
     assert not Deadline(None, now - 1e6).next_step_would_overrun()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the kernel's record in /proc")
+def test_process_started_agrees_with_the_kernels_start_time_to_the_tick():
+    # psutil adds the boot time, read to the whole second, to the kernel's start time: on the
+    # wall clock that would be up to a second off, which a deadline of seconds notices.
+    import os
+
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+    kernel_age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    age = time.monotonic() - process_started()
+    assert abs(age - kernel_age) < 0.05, (age, kernel_age)

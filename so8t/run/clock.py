@@ -15,20 +15,29 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Deadline", "process_started"]
 
+_HAS_BOOTTIME = hasattr(time, "CLOCK_BOOTTIME")  # Linux
+
 
 def process_started() -> float:
     """``time.monotonic()`` when this process started, so ``max_wall_seconds`` also counts the
     interpreter and Hydra start-up (seconds on a loaded machine), as a job's clock does.
 
-    psutil gives the start time portably (Linux, macOS, Windows), but on the wall clock; its
-    age is converted to the monotonic clock here. If it cannot be read, the clock starts now."""
+    psutil gives the start time portably (Linux, macOS, Windows), on the wall clock; its age is
+    converted to the monotonic clock here. If it cannot be read, the clock starts now."""
     now_monotonic, now_wall = time.monotonic(), time.time()
     try:
         created = psutil.Process().create_time()
+        since_boot = created - psutil.boot_time() if _HAS_BOOTTIME else None
     except (psutil.Error, OSError) as exc:
         log.debug("process start time unavailable (%s): the deadline counts from now", exc)
         return now_monotonic
-    age = now_wall - created
+    if since_boot is not None:
+        # Linux: psutil's start time is the kernel's "seconds after boot" plus the boot time,
+        # which it reads to the whole second; against the boot clock that rounding cancels,
+        # and so does any change of the wall clock since the boot.
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot
+    else:
+        age = now_wall - created
     # A negative age (the wall clock was set back since the start) says nothing: count from now.
     return now_monotonic - age if age >= 0 else now_monotonic
 
