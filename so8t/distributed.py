@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from so8t.errors import SetupError
+from so8t.exit_codes import signal_exit_code
 
 log = logging.getLogger(__name__)
 
@@ -603,7 +604,7 @@ class GroupStop:
 
     @property
     def exit_code(self) -> int | None:
-        return None if self.signum is None else 128 + self.signum
+        return None if self.signum is None else signal_exit_code(self.signum)
 
     def install(self) -> GroupStop:
         self.local.install()
@@ -614,7 +615,7 @@ class GroupStop:
 
 
 class AgreedDeadline:
-    """A :class:`so8t.recipe.Deadline` whose verdict is the group's: any rank whose measured
+    """A :class:`so8t.run.clock.Deadline` whose verdict is the group's: any rank whose measured
     step and save would overrun stops them all."""
 
     def __init__(self, deadline, group: Group):

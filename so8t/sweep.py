@@ -33,6 +33,8 @@ import math
 import os
 from pathlib import Path
 
+from so8t.exit_codes import ExitCode
+
 __all__ = ["JobFailed", "final_reward", "in_multirun", "job_result", "OBJECTIVE_METRIC"]
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ OBJECTIVE_METRIC = "reward/mean"
 OBJECTIVE_TAIL = 0.1
 
 # Exit codes after which the other jobs of a sweep still run (see the module docstring).
-_JOB_FAILURES = {1: "failed", 2: "refused", 3: "locked by another process"}
+_JOB_FAILURES = {ExitCode.FAILED: "failed", ExitCode.REFUSED: "refused", ExitCode.LOCKED: "locked by another process"}
 
 
 class JobFailed(RuntimeError):
@@ -77,8 +79,9 @@ def final_reward(run_dir: str | os.PathLike[str], metrics_file: str = "metrics.j
     Steps redone after a resume count once (the last row per step wins). NaN when the run
     logged no value of the metric.
     """
-    from so8t.run.metrics import read_metrics
+    from so8t.run.metrics import current_metric_name, read_metrics
 
+    metric = current_metric_name(metric)  # an old name in a sweep's optimized_metric still reads
     values = [r[metric] for r in read_metrics(Path(run_dir) / metrics_file)
               if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)]
     if not values:
@@ -90,7 +93,7 @@ def final_reward(run_dir: str | os.PathLike[str], metrics_file: str = "metrics.j
 def job_result(code: int, run_dir: Path, metrics_file: str = "metrics.jsonl",
                metric: str = OBJECTIVE_METRIC) -> float:
     """Turn a run's exit code into the task function's return value (see the module docstring)."""
-    if code == 0:
+    if code == ExitCode.OK:
         value = final_reward(run_dir, metrics_file, metric)
         if math.isnan(value):
             log.warning("optimized_metric=%s: the run logged no value of it; the objective is NaN", metric)

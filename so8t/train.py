@@ -25,7 +25,8 @@ register()
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="train", version_base="1.3")
 def _run(cfg: DictConfig) -> float:
     """One run (or one job of a ``-m`` sweep); returns the objective, the final mean reward."""
-    from so8t.recipe import EXIT_REFUSED, run_dir_of_job
+    from so8t.exit_codes import ExitCode
+    from so8t.recipe import run_dir_of_job
     from so8t.sweep import job_result
 
     try:
@@ -37,7 +38,7 @@ def _run(cfg: DictConfig) -> float:
             raise ConfigValidationError(problems)
     except ConfigValidationError as exc:
         log.error("%s", exc)
-        return job_result(EXIT_REFUSED, run_dir_of_job())
+        return job_result(ExitCode.REFUSED, run_dir_of_job())
     if cfg.get("preflight"):
         raise SystemExit(_preflight(cfg))
     from so8t.recipe import run_training
@@ -73,8 +74,8 @@ def _preflight(cfg: DictConfig) -> int:
     """``+preflight=true``: print the memory estimate of this config and exit (0, or 2 when the
     model's config cannot be read or the adapters do not fit the model)."""
     from so8t.errors import ModelNotAvailableError, SetupError
+    from so8t.exit_codes import ExitCode
     from so8t.preflight import report
-    from so8t.recipe import EXIT_OK, EXIT_REFUSED
 
     device = str(cfg.hardware.device)
     if device == "auto":
@@ -86,15 +87,17 @@ def _preflight(cfg: DictConfig) -> int:
         print(report(cfg, device), flush=True)
     except (ModelNotAvailableError, SetupError) as exc:
         log.error("%s", exc)
-        return EXIT_REFUSED
-    return EXIT_OK
+        return ExitCode.REFUSED
+    return ExitCode.OK
 
 
 def main() -> None:
     problem = _missing_launcher(sys.argv[1:])
     if problem:
         print(f"so8t-train: {problem}", file=sys.stderr)
-        sys.exit(2)
+        from so8t.exit_codes import ExitCode
+
+        sys.exit(ExitCode.REFUSED)
     from so8t.distributed import hydra_overrides_for_rank
 
     # Under torchrun, ranks other than 0 log to train.rank<N>.log and leave .hydra/ to rank 0.

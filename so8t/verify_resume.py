@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXIT_IDENTICAL, EXIT_DIFFERENT, EXIT_REFUSED = 0, 1, 2
+from so8t.exit_codes import ExitCode
+
+# What this command's codes mean: the shared OK / FAILED / REFUSED, read as a verdict.
+EXIT_IDENTICAL, EXIT_DIFFERENT, EXIT_REFUSED = ExitCode.OK, ExitCode.FAILED, ExitCode.REFUSED
 RUN_NAME = "verify"
 # Wall-clock quantities: expected to differ between two runs, shown but never a failure.
 TIMING_KEYS = ("training_time",)
@@ -158,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"1/3 {n} updates straight ...", flush=True)
         code = _train(common, work / "straight", env)
-        if code != 0:
+        if code != ExitCode.OK:
             print(f"so8t-train failed (exit {code}):\n{_tail(work / 'straight.log')}", file=sys.stderr)
-            return EXIT_REFUSED if code == 2 else EXIT_DIFFERENT
+            return EXIT_REFUSED if code == ExitCode.REFUSED else EXIT_DIFFERENT
         pause = work / "paused"
         print(f"2/3 {half} updates, kill -9 right after the checkpoint at update {half} ...", flush=True)
         code = _train(common, work / "resumed",
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_DIFFERENT
         print(f"3/3 resume to update {n} ...", flush=True)
         code = _train(common, work / "resumed", env)
-        if code != 0:
+        if code != ExitCode.OK:
             print(f"the resumed run failed (exit {code}):\n{_tail(work / 'resumed.log')}", file=sys.stderr)
             return EXIT_DIFFERENT
         straight, resumed = _run_dir(work / "straight"), _run_dir(work / "resumed")

@@ -299,3 +299,28 @@ def test_metrics_come_from_the_runs_own_output_metrics_file(tmp_path, capsys):
     assert code == 0
     summary = json.loads(out)["runs"][0]["metrics"]["reward/mean"]
     assert (summary["last"], summary["best"], summary["best_step"]) == (0.2, 0.2, 2)
+
+
+def test_runs_logged_under_the_old_metric_names_compare_with_new_ones(tmp_path, capsys):
+    """Runs of an earlier version logged ``entropy``, ``lr`` …: they read under today's names."""
+    old = make_run(tmp_path / "e" / "runs" / "old", rewards=(0.1, 0.2), identity={"seed": 1})
+    new = make_run(tmp_path / "e" / "runs" / "new", rewards=(0.3, 0.4), identity={"seed": 2})
+    (old / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "reward/mean": 0.1, "entropy": 1.5, "loss/policy_loss": 0.3},
+        {"step": 2, "reward/mean": 0.2, "entropy": 1.2, "loss/policy_loss": 0.2}]))
+    (new / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "reward/mean": 0.3, "policy/entropy": 1.1, "loss/policy": 0.1},
+        {"step": 2, "reward/mean": 0.4, "policy/entropy": 0.9, "loss/policy": 0.05}]))
+    code, out, err = run_cli(tmp_path, "--format", "json", "--metric", "policy/entropy", "--metric", "loss/policy",
+                             capsys=capsys)
+    assert code == 0 and err == ""
+    metrics = {r["run"]: r["metrics"] for r in json.loads(out)["runs"]}
+    assert metrics["runs/old"]["policy/entropy"] == {"last": 1.2, "last_step": 2, "best": 1.5, "best_step": 1}
+    assert metrics["runs/new"]["loss/policy"] == {"last": 0.05, "last_step": 2, "best": 0.05, "best_step": 2}
+    assert metrics["runs/old"]["loss/policy"]["last"] == 0.2
+    # An old name on the command line names today's metric.
+    code, out, _ = run_cli(tmp_path, "--format", "json", "--metric", "entropy", capsys=capsys)
+    report = json.loads(out)
+    assert report["metrics"] == [{"name": "policy/entropy", "mode": "max"}]
+    assert {r["run"]: r["metrics"]["policy/entropy"]["last"] for r in report["runs"]} == {"runs/old": 1.2,
+                                                                                       "runs/new": 0.9}

@@ -171,7 +171,7 @@ def test_two_ranks_complete_with_global_metrics_and_one_writer(twin):
     rows = read_metrics(twin / "metrics.jsonl")
     assert len((twin / "metrics.jsonl").read_text().splitlines()) == MAX_STEPS  # rank 0 wrote, once
     assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
-    assert [r["episodes"] for r in rows] == [8 * s for s in range(1, MAX_STEPS + 1)]  # the global batch
+    assert [r["count/episodes"] for r in rows] == [8 * s for s in range(1, MAX_STEPS + 1)]  # the global batch
     # Both ranks log the same (global) figures: with their own sampling streams, their own
     # halves would differ.
     main_log, rank1_log = (twin / "train.log").read_text(), (twin / "train.rank1.log").read_text()
@@ -340,4 +340,4 @@ def test_accelerate_launch_starts_the_same_group(tmp_path):
     run_dir = run_dir_of(cwd)
     assert "rank 0 of 2" in (run_dir / "train.log").read_text()
     assert "rank 1 of 2" in (run_dir / "train.rank1.log").read_text()
-    assert [r["episodes"] for r in read_metrics(run_dir / "metrics.jsonl")] == [8, 16]
+    assert [r["count/episodes"] for r in read_metrics(run_dir / "metrics.jsonl")] == [8, 16]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import so8t
 from so8t.build import build_policy_and_tokenizer
-from so8t.model.export import save_final
+from so8t.final_policy import save_final
 from so8t.model.tiny import TINY_DIR, build_tiny_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -247,7 +247,7 @@ def test_fp16_trains_with_loss_scaling_and_checkpoints_the_scaler():
     assert "grad_scaler" in trainer.stateful_parts()
     before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}
     row = trainer.train_step()
-    assert row["loss/scale"] > 1.0
+    assert row["optim/loss_scale"] > 1.0
     after = trainer.policy.trainable_state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in after)
     assert all(torch.isfinite(v).all() for v in after.values())
@@ -264,7 +264,7 @@ def test_one_optimizer_step_per_mini_batch_per_epoch(micro):
     row = trainer.train_step()
     handle.remove()
     assert len(steps) == 3 * (16 // 4)
-    assert row["step"] == 1 and row["episodes"] == 16
+    assert row["step"] == 1 and row["count/episodes"] == 16
 
 
 def test_micro_batches_accumulate_to_the_mini_batch_gradient():

@@ -158,7 +158,8 @@ def test_a_deadline_whose_save_fails_exits_75_and_ends_the_sweep(tmp_path):
 
 def test_a_stop_right_after_a_cadence_save_does_not_write_the_step_twice(tmp_path, monkeypatch):
     from so8t.checkpoint.store import CheckpointStore
-    from so8t.recipe import Deadline, _stop_save
+    from so8t.recipe import TrainingRecipe
+    from so8t.run.clock import Deadline
     from so8t.run.session import SessionFile
     from tests.test_checkpoint_service import make_service, run_steps
 
@@ -175,8 +176,10 @@ def test_a_stop_right_after_a_cadence_save_does_not_write_the_step_twice(tmp_pat
     class Trainer:
         counters = type("C", (), {"step": 2, "training_time": 0.0})()
 
-    _stop_save(service, session, Trainer, "signal", Deadline(None, 0.0))
-    _stop_save(service, session, Trainer, "deadline", Deadline(None, 0.0))
+    recipe = TrainingRecipe(None, tmp_path)
+    recipe.checkpoints, recipe.session, recipe.trainer, recipe.deadline = service, session, Trainer, Deadline(None, 0.0)
+    recipe._stop_save("signal")
+    recipe._stop_save("deadline")
     assert calls == []
     assert json.loads((tmp_path / "session.json").read_text())["last_checkpoint"]["step"] == 2
 

@@ -131,3 +131,28 @@ def test_release_from_another_thread(tmp_path):
     t.start()
     t.join()
     RunLock(tmp_path).acquire()
+
+
+def test_held_by_live_process_reads_the_holder_record_as_the_lock_writes_it(tmp_path):
+    from so8t.run.lock import RunLock, held_by_live_process, read_lock_holder
+
+    assert read_lock_holder(tmp_path) is None and not held_by_live_process(tmp_path)
+    with RunLock(tmp_path):
+        assert read_lock_holder(tmp_path)["pid"] == os.getpid()
+        assert held_by_live_process(tmp_path)
+    assert not held_by_live_process(tmp_path)  # released: the record is gone
+
+
+def test_held_by_live_process_judges_a_dead_pid_foreign_host_and_garbage(tmp_path):
+    from so8t.run.lock import held_by_live_process
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    record = tmp_path / ".lock"
+    record.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": "x"}))
+    assert not held_by_live_process(tmp_path)  # a dead holder
+    record.write_text(json.dumps({"pid": proc.pid, "host": "elsewhere", "started": "x"}))
+    assert held_by_live_process(tmp_path)  # another host: cannot tell from here, so assume live
+    for garbage in ("[1, 2]", "{not json", json.dumps({"pid": "7", "host": socket.gethostname()})):
+        record.write_text(garbage)
+        assert not held_by_live_process(tmp_path), garbage

@@ -83,3 +83,18 @@ def test_numpy_and_torch_scalars_are_written_as_numbers(tmp_path):
     with MetricsWriter(path) as w:
         w.write({"step": np.int64(1), "a": np.float32(0.5), "b": torch.tensor(float("nan")), "c": torch.tensor(2)})
     assert read_metrics(path) == [{"step": 1, "a": 0.5, "b": None, "c": 2}]
+
+
+def test_rows_of_earlier_versions_read_under_todays_metric_names(tmp_path):
+    path = tmp_path / "m.jsonl"
+    with MetricsWriter(path) as w:
+        w.write({"step": 1, "reward/mean": 0.5, "entropy": 1.25, "clip_fraction": 0.1, "approx_kl": 0.01,
+                 "grad_norm": 2.0, "lr": 1e-3, "episodes": 32, "tokens": 300, "loss/total": 0.7,
+                 "loss/policy_loss": 0.2, "loss/value_loss": 0.5, "loss/scale": 65536.0})
+        w.write({"step": 2, "reward/mean": 0.6, "policy/entropy": 1.0, "count/episodes": 64})  # a resume, upgraded
+    old, new = read_metrics(path)
+    assert old == {"step": 1, "reward/mean": 0.5, "policy/entropy": 1.25, "ppo/clip_fraction": 0.1,
+                   "ppo/approx_kl": 0.01, "optim/grad_norm": 2.0, "optim/lr": 1e-3, "count/episodes": 32,
+                   "count/tokens": 300, "loss/total": 0.7, "loss/policy": 0.2, "loss/value": 0.5,
+                   "optim/loss_scale": 65536.0}
+    assert new == {"step": 2, "reward/mean": 0.6, "policy/entropy": 1.0, "count/episodes": 64}

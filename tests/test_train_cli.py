@@ -17,8 +17,9 @@ from so8t.run.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # real processes
 
-METRIC_KEYS = {"step", "reward/mean", "loss/total", "loss/policy_loss", "loss/value_loss", "kl/mean", "entropy",
-               "clip_fraction", "lr", "time/step"}
+METRIC_KEYS = {"step", "reward/mean", "loss/total", "loss/policy", "loss/value", "kl/mean", "policy/entropy",
+               "ppo/clip_fraction", "ppo/approx_kl", "optim/lr", "optim/grad_norm", "count/episodes", "count/tokens",
+               "time/step"}
 
 
 def run_cli(cwd: Path, *overrides: str, timeout: float = 300, bars: str = "false") -> subprocess.CompletedProcess:
@@ -47,6 +48,7 @@ def test_default_run_completes_and_writes_log_metrics_and_final(default_run):
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 61))
     assert METRIC_KEYS <= set(rows[0])
+    assert [k for k in rows[0] if k != "step" and "/" not in k] == []  # every metric in a namespace
     for name in ("adapter.safetensors", "value_head.safetensors", "policy.json", "tokenizer"):
         assert (run_dir / "final" / name).exists(), name
     assert json.loads((run_dir / "session.json").read_text())["status"] == "completed"

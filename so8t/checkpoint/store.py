@@ -28,7 +28,6 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import struct
 import sys
 import time
@@ -41,7 +40,7 @@ import safetensors.torch
 import torch
 
 from so8t.checkpoint.errors import CheckpointError
-from so8t.run.atomic import atomic_write_text, fsync_dir
+from so8t.run.atomic import atomic_write_text, fsync_dir, remove_tree, replace_path, swap_dir_in
 from so8t.run.faults import fail_point, pause_point
 
 __all__ = [
@@ -75,7 +74,6 @@ _NAME_RE = re.compile(r"^step_(\d{8,})$")
 # Manifest keys the store owns; caller metadata may not override them.
 _RESERVED = frozenset({"format", "format_version", "step", "sequence", "created", "created_unix", "files", "versions"})
 _HASH_CHUNK = 1 << 20
-_IS_WINDOWS = os.name == "nt"
 
 
 def checkpoint_name(step: int) -> str:
@@ -176,7 +174,7 @@ class CheckpointStore:
             self.fence()
             self._commit(tmp, final)
         except BaseException:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise
         pause_point("save.committed")
         # LATEST is only a hint (resume orders checkpoints by their commit sequence): the
@@ -200,23 +198,10 @@ class CheckpointStore:
         return highest + 1
 
     def _commit(self, tmp: Path, final: Path) -> None:
-        # A folder cannot be renamed over a non-empty folder (and not over any on Windows),
-        # so an existing one — the same step saved again after a resume — is moved aside
+        # An existing folder — the same step saved again after a resume — is moved aside
         # first; cleanup_temporaries() puts it back if we crash before the new one is in.
-        aside = None
-        if final.exists():
-            aside = self.root / f"{OLD_PREFIX}{final.name}-{secrets.token_hex(4)}"
-            _replace(final, aside)
-        try:
-            _replace(tmp, final)
-        except BaseException:
-            if aside is not None:
-                _replace(aside, final)
-            raise
-        pause_point("save.renamed")
-        fsync_dir(self.root)
-        if aside is not None:
-            _remove_tree(aside)
+        aside = self.root / f"{OLD_PREFIX}{final.name}-{secrets.token_hex(4)}"
+        swap_dir_in(tmp, final, aside, renamed=lambda: pause_point("save.renamed"))
 
     def write_latest(self, name: str) -> None:
         atomic_write_text(self.root / LATEST_FILE, name + "\n", fault_site="checkpoint.latest")
@@ -235,9 +220,9 @@ class CheckpointStore:
         # Rename first so a crash mid-delete never leaves a half-empty folder under a
         # committed name.
         doomed = self.root / f"{DEL_PREFIX}{path.name}-{secrets.token_hex(4)}"
-        _replace(path, doomed)
+        replace_path(path, doomed)
         fsync_dir(self.root)
-        _remove_tree(doomed)
+        remove_tree(doomed)
         return True
 
     def cleanup_temporaries(self) -> list[Path]:
@@ -253,7 +238,7 @@ class CheckpointStore:
                     # The crash came between moving the old copy aside and moving the new
                     # one in: the old copy is a complete checkpoint, so put it back.
                     logger.warning("Restoring checkpoint %s left aside by an interrupted re-save", original.name)
-                    _replace(entry, original)
+                    replace_path(entry, original)
                     continue
                 logger.warning("Removing %s left aside by an interrupted re-save", entry)
             elif name.startswith(TMP_PREFIX):
@@ -264,7 +249,7 @@ class CheckpointStore:
                 logger.warning("Removing %s left by an interrupted LATEST update", entry)
             else:
                 continue
-            _remove_tree(entry)
+            remove_tree(entry)
             removed.append(entry)
         if removed:
             fsync_dir(self.root)
@@ -515,30 +500,3 @@ def _sha256_file(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _replace(src: Path, dst: Path) -> None:
-    # On Windows a rename fails with PermissionError while another process (indexer,
-    # antivirus, a reader) briefly holds a file inside; retry a little there.
-    attempts = 10 if _IS_WINDOWS else 1
-    for i in range(attempts):
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            if i == attempts - 1:
-                raise
-            time.sleep(0.05 * (i + 1))
-
-
-def _remove_tree(path: Path) -> None:
-    """Best-effort removal; a leftover is logged and retried by the next cleanup."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        logger.warning("Could not remove %s: %s", path, exc)

@@ -1,29 +1,18 @@
-"""Write an output folder atomically: it appears complete under its name, or not at all.
+"""Write an export folder atomically: it appears complete under its name, or not at all.
 
-The folder is filled under a dot-named sibling (same file system, so the rename is atomic),
-every file and folder is fsynced, then it is renamed into place. Replacing an existing folder
-(only when asked) moves the old one aside first, because a folder cannot be renamed over a
-non-empty one (nor over any folder on Windows); a failure in between puts the old one back.
-
-Hand-written for the same reason as :mod:`so8t.run.atomic`, which does this for single files.
+The folder protocol is :func:`so8t.run.atomic.write_dir_atomically`; this adds what an export
+needs on top: refusing an output that exists (unless forced) or overlaps the source, and files
+readable by others.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Callable
 
 from so8t.export.errors import ExportError
-from so8t.run.atomic import fsync_dir
-
-log = logging.getLogger(__name__)
-
-TMP_MARK = ".tmp-"
-OLD_MARK = ".old-"
+from so8t.run.atomic import write_dir_atomically as _write_dir_atomically
 
 
 def check_output(out: Path, force: bool, protected: Path | None = None) -> Path:
@@ -47,51 +36,24 @@ def write_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool = 
     only if ``force``. On any error nothing under ``out`` has changed and the temporary
     folder is gone."""
     out = check_output(out, force)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{out.name}{TMP_MARK}{secrets.token_hex(4)}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise ExportError(f"cannot create the output folder next to {out}: {exc}") from exc
-    try:
+
+    def fill_shared(tmp: Path) -> None:
         fill(tmp)
-        _fsync_tree(tmp)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        _share(tmp)
 
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    aside = None
-    if out.exists():
-        aside = out.parent / f".{out.name}{OLD_MARK}{secrets.token_hex(4)}"
-        os.replace(out, aside)
     try:
-        os.replace(tmp, out)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, out)
-        raise
-    fsync_dir(out.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        return _write_dir_atomically(out, fill_shared, replace=force)
+    except FileExistsError as exc:
+        raise ExportError(f"--out {out} already exists; pass --force to replace it") from exc
 
 
-def _fsync_tree(root: Path) -> None:
+def _share(root: Path) -> None:
+    # safetensors creates its files 0600; an export is meant to be shared, so files get the
+    # mode a plain open() would give them.
     mode = 0o666 & ~_umask()
     for folder, _dirs, files in os.walk(root):
         for name in files:
-            path = Path(folder) / name
-            # safetensors creates its files 0600; an export is meant to be shared, so files get
-            # the mode a plain open() would give them.
-            os.chmod(path, mode)
-            # "r+b": Windows only flushes a file opened for writing.
-            with open(path, "r+b") as f:
-                os.fsync(f.fileno())
-        fsync_dir(folder)
+            os.chmod(Path(folder) / name, mode)
 
 
 def _umask() -> int:

@@ -13,7 +13,7 @@ import shlex
 import sys
 from typing import Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+from so8t.exit_codes import ExitCode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.merge and args.layout == "peft":
         print("so8t-export: --merge and --format peft contradict each other; choose one", file=sys.stderr)
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("so8t").setLevel(logging.INFO)
 
@@ -58,9 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ExportError as exc:
         print(f"so8t-export: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
     print(f"so8t-export: wrote {result.layout} export to {result.out}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

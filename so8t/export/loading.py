@@ -16,12 +16,12 @@ def is_export_dir(path: str | Path) -> bool:
 
 
 def load_export(path: str | Path, device: str = "cpu", dtype: str = "float32"):
-    """A :class:`so8t.model.export.LoadedPolicy` from a folder written by ``so8t-export``."""
+    """A :class:`so8t.final_policy.LoadedPolicy` from a folder written by ``so8t-export``."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from so8t.build import DTYPES
-    from so8t.model.export import LoadedPolicy
+    from so8t.final_policy import LoadedPolicy
     from so8t.model.policy import PolicyWithValue
 
     path = Path(path)

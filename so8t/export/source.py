@@ -54,7 +54,7 @@ class TrainedPolicy:
 def resolve_source(path: str | Path) -> tuple[str, Path]:
     """``("final" | "checkpoint", folder)`` for SOURCE; ExportError if it is neither."""
     from so8t.checkpoint.store import LATEST_FILE, MANIFEST_FILE, CheckpointStore, parse_step
-    from so8t.model.export import POLICY_FILE
+    from so8t.final_policy import POLICY_FILE
 
     path = Path(path)
     if not path.exists():
@@ -97,7 +97,7 @@ def load_trained_policy(path: str | Path, device: str = "cpu") -> TrainedPolicy:
 
 
 def _from_final(folder: Path, device: str) -> TrainedPolicy:
-    from so8t.model.export import POLICY_FILE, load_policy
+    from so8t.final_policy import POLICY_FILE, load_policy
 
     try:
         meta = json.loads((folder / POLICY_FILE).read_text(encoding="utf-8"))

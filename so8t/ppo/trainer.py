@@ -32,6 +32,18 @@ from so8t.ppo.rollout import Rollout, StopStrings, response_logits, sample_respo
 
 log = logging.getLogger(__name__)
 
+# The PPO epochs' figures (kept under short names while they are summed over mini-batches and
+# ranks) and their names in a metrics row.
+_EPOCH_METRICS = {
+    "loss": "loss/total",
+    "policy_loss": "loss/policy",
+    "value_loss": "loss/value",
+    "entropy": "policy/entropy",
+    "clip_fraction": "ppo/clip_fraction",
+    "approx_kl": "ppo/approx_kl",
+    "grad_norm": "optim/grad_norm",
+}
+
 
 def _plain(cfg):
     """A structured OmegaConf node as its dataclass: an attribute read on a node costs ~10 µs
@@ -484,17 +496,16 @@ class PPOTrainer:
         step_time = time.perf_counter() - started
         self.counters.training_time += step_time
 
+        # Every name in a namespace (the table in docs/checkpoint-format.md).
         row = {"step": self.counters.step, **scored.stats}
-        row.update({f"loss/{k}" if k in ("policy_loss", "value_loss") else k: sum(v) / len(v)
-                    for k, v in stats.items()})
-        row["loss/total"] = row.pop("loss")
-        row["lr"] = lr
-        row["episodes"] = self.counters.episodes
-        row["tokens"] = self.counters.tokens
+        row.update({_EPOCH_METRICS.get(k, k): sum(v) / len(v) for k, v in stats.items()})
+        row["optim/lr"] = lr
+        row["count/episodes"] = self.counters.episodes
+        row["count/tokens"] = self.counters.tokens
         if gate is not None:
             row["adapter/gate"] = gate
         if self.grad_scaler is not None:
-            row["loss/scale"] = float(self.grad_scaler.get_scale())
+            row["optim/loss_scale"] = float(self.grad_scaler.get_scale())
         row["time/ppo"] = ppo_time
         row["time/step"] = step_time
         row["time/training"] = self.counters.training_time

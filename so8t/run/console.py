@@ -36,8 +36,8 @@ def log_update(row: Mapping[str, Any]) -> None:
     """One line per PPO update, for train.log."""
     _updates.info(
         "step %d: reward %.3f loss %.4f kl %.4f entropy %.3f clip %.3f (%.2fs)",
-        row["step"], row["reward/mean"], row["loss/total"], row["kl/mean"], row["entropy"],
-        row["clip_fraction"], row["time/step"],
+        row["step"], row["reward/mean"], row["loss/total"], row["kl/mean"], row["policy/entropy"],
+        row["ppo/clip_fraction"], row["time/step"],
     )
 
 

@@ -1,9 +1,10 @@
 """A folder written once and then trusted (a run's ``final/``): durable, with a manifest to verify.
 
-``write_manifest`` hashes every file below the folder into ``MANIFEST.json`` and fsyncs every
-file and folder, so once the caller renames the folder into place (and fsyncs its parent) a
-power cut cannot leave a ``final/`` that looks complete but is not. ``verify_folder`` says what
-is wrong with one; ``so8t-train`` only calls a run completed when it says nothing.
+``write_manifest`` hashes every file below the folder into ``MANIFEST.json``; the folder is
+written aside and renamed into place by :func:`so8t.run.atomic.write_dir_atomically`, which
+fsyncs it all first, so a power cut cannot leave a ``final/`` that looks complete but is not.
+``verify_folder`` says what is wrong with one; ``so8t-train`` only calls a run completed when it
+says nothing.
 
 Hand-written: the checkpoint store's manifest is flat and specific to checkpoints; this one
 covers a tree (the tokenizer is a sub-folder) and is a few lines of hashlib.
@@ -16,7 +17,6 @@ import json
 import os
 from pathlib import Path
 
-from so8t.run.atomic import fsync_dir
 from so8t.run.faults import fail_point
 
 __all__ = ["MANIFEST_NAME", "write_manifest", "verify_folder"]
@@ -33,32 +33,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def write_manifest(folder: str | os.PathLike[str]) -> dict:
-    """Hash and fsync every file below ``folder``, write ``MANIFEST.json``, fsync the folders."""
+    """Hash every file below ``folder`` into ``MANIFEST.json`` (made durable by the folder's
+    atomic write, not here)."""
     folder = Path(folder)
     fail_point("final")
     files = {}
-    folders = [folder]
     for path in sorted(folder.rglob("*")):
         if path.is_symlink():
             raise OSError(f"{path} is a symbolic link; {folder} must hold plain files only")
         if path.is_dir():
-            folders.append(path)
             continue
-        _fsync_file(path)
         files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": FORMAT, "files": files}
     with open(folder / MANIFEST_NAME, "xb") as f:
         f.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-    for path in reversed(folders):  # deepest first: each folder's entries, then the folder
-        fsync_dir(path)
     return manifest
 
 

@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import filelock
+import psutil
 
 from so8t.run.atomic import atomic_write_json
 
-__all__ = ["RunLock", "RunLockedError", "RunLockUnavailableError"]
+__all__ = ["RunLock", "RunLockedError", "RunLockUnavailableError", "held_by_live_process", "read_lock_holder"]
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,7 @@ class RunLock:
 
     def read_holder(self) -> dict[str, Any] | None:
         """The holder record on disk, or None if missing or unreadable."""
-        try:
-            data = json.loads(self.info_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_lock_holder(self.run_dir)
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -180,6 +177,32 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def read_lock_holder(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The holder record of ``run_dir`` ({pid, host, started, argv}), or None if missing or
+    unreadable. Only the OS lock says whether the run is held; this says by whom."""
+    try:
+        data = json.loads((Path(run_dir) / LOCK_INFO_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def held_by_live_process(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether the holder record of ``run_dir`` names a live process, for readers such as
+    so8t-compare that must not take the lock. A record from another host cannot be checked
+    from here and counts as live; no record means no holder (a live run always has one)."""
+    holder = read_lock_holder(run_dir)
+    if holder is None:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    # psutil rather than os.kill(pid, 0): on Windows os.kill terminates the process it names.
+    return psutil.pid_exists(pid)
 
 
 def _same_holder(a: dict[str, Any], b: dict[str, Any] | None) -> bool:

@@ -23,9 +23,38 @@ from typing import Any, BinaryIO
 
 from so8t.run.faults import fail_point
 
-__all__ = ["MetricsWriter", "read_metrics"]
+__all__ = ["MetricsWriter", "RENAMED_METRICS", "current_metric_name", "read_metrics"]
 
 log = logging.getLogger(__name__)
+
+# Metric names of earlier versions and their names now (the namespaces are documented in
+# docs/checkpoint-format.md). read_metrics gives every row under today's names, so a run
+# logged by any version compares with one logged now, and a resumed run reads as one.
+RENAMED_METRICS = {
+    "approx_kl": "ppo/approx_kl",
+    "clip_fraction": "ppo/clip_fraction",
+    "entropy": "policy/entropy",
+    "grad_norm": "optim/grad_norm",
+    "lr": "optim/lr",
+    "loss/scale": "optim/loss_scale",
+    "loss/policy_loss": "loss/policy",
+    "loss/value_loss": "loss/value",
+    "episodes": "count/episodes",
+    "tokens": "count/tokens",
+}
+
+
+def current_metric_name(name: str) -> str:
+    """Today's name of a metric (an old name is mapped; any other is returned as it is)."""
+    return RENAMED_METRICS.get(name, name)
+
+
+def _current_names(row: dict[str, Any]) -> dict[str, Any]:
+    if not RENAMED_METRICS.keys() & row.keys():
+        return row
+    # A name of today wins over an old one should a row hold both.
+    renamed = {current_metric_name(k): v for k, v in row.items() if k in RENAMED_METRICS}
+    return {**renamed, **{k: v for k, v in row.items() if k not in RENAMED_METRICS}}
 
 
 class MetricsWriter:
@@ -82,7 +111,8 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike[str], strict: bool = False) -> list[dict[str, Any]]:
-    """Rows sorted by step, the last written row winning for each step. Missing file: [].
+    """Rows sorted by step, the last written row winning for each step, every metric under its
+    current name (:data:`RENAMED_METRICS`). Missing file: [].
 
     A line that is not a JSON row with an integer ``step`` is skipped with a warning, or, with
     ``strict``, raises ValueError naming the line (for readers that report damaged runs)."""
@@ -109,7 +139,7 @@ def read_metrics(path: str | os.PathLike[str], strict: bool = False) -> list[dic
                 raise ValueError(f"metrics.jsonl line {number} {problem}")
             log.warning("%s line %d %s; skipped", path, number, problem)
             continue
-        by_step[step] = row
+        by_step[step] = _current_names(row)
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -26,6 +26,8 @@ import threading
 from types import FrameType
 from typing import Any
 
+from so8t.exit_codes import signal_exit_code
+
 __all__ = ["StopSignal", "default_stop_signals"]
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class StopSignal:
     @property
     def exit_code(self) -> int | None:
         """128 + signal number, the shell convention for "ended by signal N"."""
-        return None if self.signum is None else 128 + self.signum
+        return None if self.signum is None else signal_exit_code(self.signum)
 
     def install(self) -> StopSignal:
         """Install the handlers. Outside the main thread Python cannot, so warn and do nothing."""

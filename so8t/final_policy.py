@@ -1,4 +1,9 @@
-"""The ``final/`` export of a run and ``so8t.load_policy`` that rebuilds a policy from it.
+"""A run's ``final/`` folder: ``save_final`` writes it, ``so8t.load_policy`` rebuilds a policy
+from it (or from a folder written by ``so8t-export``) for inference.
+
+It sits above ``so8t.model`` because it joins the model with what the run recorded around it:
+the config it was built from (so8t.build), the atomic folder write and manifest (so8t.run), and
+sampling with the run's stops (so8t.ppo.rollout).
 
 ``final/`` holds only what training produced (adapter and value head, in safetensors), the
 tokenizer, and ``policy.json`` naming the base model and the adapter config; the frozen base
@@ -15,6 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from so8t.run.atomic import write_dir_atomically
+from so8t.run.folder_manifest import write_manifest
+
 log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.json"
@@ -22,38 +30,10 @@ ADAPTER_FILE = "adapter.safetensors"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-def replace_dir(target: Path, write) -> None:
-    """Fill a sibling temporary folder with ``write(tmp)`` and swap it in for ``target``,
-    so a crash leaves either the old export or the new one, never a mix."""
-    import shutil
-
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    from so8t.run.atomic import fsync_dir
-    from so8t.run.folder_manifest import write_manifest
-
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        # Hashes every file into MANIFEST.json and fsyncs them all, so the rename below can only
-        # ever expose a complete, durable export; so8t-train verifies it before calling a run done.
-        write_manifest(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_final(policy, tokenizer, model_cfg: dict, adapter_cfg: dict, gate: float | None, out_dir: Path,
                extra: dict[str, Any] | None = None) -> Path:
-    """Write the trained policy to ``out_dir`` (replaced as a whole: written aside, then renamed)."""
+    """Write the trained policy to ``out_dir``, replaced as a whole (written aside, then renamed,
+    so a crash leaves either the old folder or the new one, never a mix)."""
     def write(tmp: Path) -> None:
         state = {k: v.detach().to("cpu").contiguous() for k, v in policy.trainable_state_dict().items()}
         save_file({k: v for k, v in state.items() if not k.startswith("value_head.")}, str(tmp / ADAPTER_FILE))
@@ -61,8 +41,10 @@ def save_final(policy, tokenizer, model_cfg: dict, adapter_cfg: dict, gate: floa
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {"format": 1, "model": model_cfg, "adapter": adapter_cfg, "gate": gate, **(extra or {})}
         (tmp / POLICY_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        # Every file hashed into MANIFEST.json: so8t-train verifies final/ before calling a run done.
+        write_manifest(tmp)
 
-    replace_dir(Path(out_dir), write)
+    write_dir_atomically(Path(out_dir), write)
     log.info("final policy written to %s", out_dir)
     return Path(out_dir)
 
