@@ -191,6 +191,6 @@ def test_the_command_trains_with_sgd_and_a_cosine_warm_up(tmp_path):
 
     rows = [json.loads(line) for line in
             (tmp_path / "outputs/default/runs/sgd/metrics.jsonl").read_text().splitlines()]
-    lrs = [row["lr"] for row in rows]
+    lrs = [row["optim/lr"] for row in rows]
     # Warm-up update 0 at 0, then the cosine from the peak over the 2 updates left.
     assert lrs == pytest.approx([0.0, 0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2))])

@@ -202,9 +202,9 @@ def test_a_resume_on_a_warm_up_and_cosine_schedule_is_bit_exact(tmp_path):
     trainer, _, result = resume(cfg, tmp_path)
     assert result.step == 3 and result.changed_keys == []
     rows = [trainer.train_step() for _ in range(2)]
-    keys = ("lr", "loss/total", "reward/mean", "kl/mean")
+    keys = ("optim/lr", "loss/total", "reward/mean", "kl/mean")
     assert [[row[k] for k in keys] for row in rows] == [[row[k] for k in keys] for row in expected[3:]]
-    assert [row["lr"] for row in expected][:3] == [0.0, cfg.ppo.optimizer.lr / 2, cfg.ppo.optimizer.lr]
+    assert [row["optim/lr"] for row in expected][:3] == [0.0, cfg.ppo.optimizer.lr / 2, cfg.ppo.optimizer.lr]
     for a, b in zip(trainer.policy.trainable_parameters(), straight.policy.trainable_parameters(), strict=True):
         assert torch.equal(a, b)
     for a, b in zip(trainer.optimizer.state.values(), straight.optimizer.state.values(), strict=True):
