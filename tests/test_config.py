@@ -89,7 +89,7 @@ def test_unknown_keys_and_wrong_types_fail_at_composition_naming_the_key(overrid
         (["adapter.gate.kind=sigmoid", "adapter.gate.steps=0"], "adapter.gate.steps"),
         (["data.max_operand=-1"], "data.max_operand"),
         (["hardware.device=tpu"], "hardware.device"),
-        (["checkpoint.policy=sometimes"], "checkpoint.policy"),
+        (["checkpoint.cadence=sometimes"], "checkpoint.cadence"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
         (["max_steps=0"], "max_steps"),
         (["model=local"], "model.path"),

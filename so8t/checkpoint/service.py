@@ -1,6 +1,6 @@
 """The checkpoint service a training loop talks to at step boundaries.
 
-It ties the pieces together — policy (when), state capture (what), store (how), writer
+It ties the pieces together — cadence (when), state capture (what), store (how), writer
 (in the background), retention (what to keep), identity (may this run resume that) — and
 knows nothing about the trainer: it saves and restores *named stateful parts*, anything with
 ``state_dict()`` / ``load_state_dict()``, plus every RNG and an optional JSON-able
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from so8t.checkpoint.cadence import SaveCadence
 from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
 from so8t.checkpoint.identity import DEFAULT_SHAPE_KEYS, compare_identity, describe_differences
-from so8t.checkpoint.policy import SavePolicy
 from so8t.checkpoint.retention import Retention
 from so8t.checkpoint.state import flatten_state, tensor_bytes, unflatten_state
 from so8t.checkpoint.store import (
@@ -114,7 +114,7 @@ class CheckpointService:
         self.ranks = ranks if ranks is not None else RankParts()
         self.world_size = world_size if world_size is not None else self.ranks.world_size
         self.store = CheckpointStore(self.run_dir / "checkpoints", fence=fence)
-        self.policy = SavePolicy(cfg.policy, cfg.every_seconds, cfg.every_steps, clock=clock)
+        self.cadence = SaveCadence(cfg.cadence, cfg.every_seconds, cfg.every_steps, clock=clock)
         self.retention = Retention(cfg.keep_last, cfg.keep_every_steps)
         self.writer = AsyncCheckpointWriter() if cfg.async_write else None
         self.last_saved: SavedCheckpoint | None = None
@@ -144,7 +144,7 @@ class CheckpointService:
     # ------------------------------------------------------------------ saving
 
     def maybe_save(self, step: int) -> Path | None:
-        """Save if the policy says so, or if the previous save failed. Returns the checkpoint's
+        """Save if the cadence says so, or if the previous save failed. Returns the checkpoint's
         path (for an async write, the path it will have once committed), or ``None`` if nothing
         was saved.
 
@@ -156,7 +156,7 @@ class CheckpointService:
         """
         self._settle(block=False)
         # Distributed hook: rank 0 decides (a time cadence reads each rank's own clock).
-        reason = self.ranks.agree_reason(self.policy.due(step) or self._retry_reason)
+        reason = self.ranks.agree_reason(self.cadence.due(step) or self._retry_reason)
         path = None
         if reason is not None:
             path = self._save(step, reason, background=self.writer is not None, strict=False)
@@ -202,7 +202,7 @@ class CheckpointService:
         # One write in flight: the next save waits here, and the free-space figure below
         # then includes the previous checkpoint.
         self._settle(block=True)
-        self.policy.mark_saved(step)
+        self.cadence.mark_saved(step)
         if not self.ranks.is_writer:  # distributed hook: hand this rank's part to rank 0, which writes
             self.ranks.capture_rng()
             path = self.store.root / checkpoint_name(step)
@@ -297,11 +297,11 @@ class CheckpointService:
         why = None
         if self.failures_in_row >= self.max_failed_saves:
             why = f"{self.failures_in_row} saves in a row failed or were skipped (checkpoint.max_failed_saves)"
-        elif self.policy.uses_steps and step - self._protected_step > self.max_unprotected * self.policy.every_steps:
+        elif self.cadence.uses_steps and step - self._protected_step > self.max_unprotected * self.cadence.every_steps:
             why = (f"no checkpoint was committed for {step - self._protected_step} steps, more than "
                    f"{self.max_unprotected:g} x every_steps (checkpoint.max_unprotected)")
-        elif (self.policy.uses_time
-              and self._clock() - self._protected_time > self.max_unprotected * self.policy.every_seconds):
+        elif (self.cadence.uses_time
+              and self._clock() - self._protected_time > self.max_unprotected * self.cadence.every_seconds):
             why = (f"no checkpoint was committed for {self._clock() - self._protected_time:.0f} s, more than "
                    f"{self.max_unprotected:g} x every_seconds (checkpoint.max_unprotected)")
         if why is None:
@@ -423,12 +423,12 @@ class CheckpointService:
                     f"({', '.join(p.name for p in existing)}). Choose another run_name for a fresh run, "
                     "or use resume=auto to continue this one."
                 )
-            self.policy.mark_saved(0)
+            self.cadence.mark_saved(0)
             return None
         if mode_str == "auto":
             found = _find_newest(self.store, cleanup=True)
             if found is None:
-                self.policy.mark_saved(0)
+                self.cadence.mark_saved(0)
                 return None
         else:
             source = str(Path(mode_str).expanduser().resolve())
@@ -522,7 +522,7 @@ class CheckpointService:
             raise CheckpointError(f"cannot restore the RNG state from {path}: {exc!r}") from exc
 
         step = int(manifest["step"])
-        self.policy.mark_saved(step)
+        self.cadence.mark_saved(step)
         self._resumed_size = CheckpointStore(path.parent).size_of(path)
         if path.parent == self.store.root:
             self.newest_verified = SavedCheckpoint(step=step, path=path, reason=str(manifest.get("reason")),

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from so8t.config import CONF_DIR, register, schema
-from so8t.config.help import GROUPS
+from so8t.config.help import GROUPS, options_of
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
 _KEY = re.compile(r"^(\s*)([A-Za-z_][\w]*):(.*)$")
@@ -51,7 +51,9 @@ def yaml_comments(path: Path) -> tuple[str, dict[str, str]]:
             continue
         match = _KEY.match(line)
         if header is None:
-            header, pending = (pending[:-1], pending[-1:]) if match else (pending, [])
+            # A defaults list right after the opening comment has no comment of its own.
+            own_comment = match and match.group(2) != "defaults"
+            header, pending = (pending[:-1], pending[-1:]) if own_comment else (pending, [])
         if not match:
             if not stripped:
                 pending = []
@@ -118,6 +120,14 @@ def _cell(value: Any) -> str:
     return f"`{text}`" if text else "`''`"
 
 
+def _base_of(path: Path) -> Path | None:
+    """The file of the same group that this option extends through its defaults list, if any."""
+    for entry in OmegaConf.load(path).get("defaults") or []:
+        if isinstance(entry, str) and (path.parent / f"{entry}.yaml").is_file():
+            return path.parent / f"{entry}.yaml"
+    return None
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
@@ -153,27 +163,43 @@ def render() -> str:
         if group in ("experiment", "debug"):
             continue
         out += ["", f"## `{group}`: {what}", ""]
-        for path in sorted((CONF_DIR / group).glob("*.yaml")):
-            option = path.stem
+        shown: set[str] = set()
+        for option in options_of(CONF_DIR / group):
+            path = CONF_DIR / group / f"{option}.yaml"
             node = OmegaConf.to_container(_compose([f"{group}={option}"])[group], resolve=False)
             group_schema = _GROUP_SCHEMAS[group]
             if isinstance(group_schema, dict):
-                kind = node.get("kind", node.get("source"))
-                group_schema = group_schema[kind]
+                group_schema = group_schema[node.get("kind", node.get("source"))]
             types = _schema_types(group_schema)
-            # An option that extends another (logger=wandb extends logger=default) shares its comments.
-            base = CONF_DIR / group / "default.yaml"
-            comments = yaml_comments(base)[1] if base.exists() else {}
+            # An option that extends another file of its group (logger=wandb extends
+            # logger/default.yaml, checkpoint=step extends checkpoint/_common.yaml) shares its comments.
+            base = _base_of(path)
+            comments = yaml_comments(base)[1] if base else {}
             header, own = yaml_comments(path)
             comments.update(own)
+            if base is not None and base.stem.startswith("_") and base.stem not in shown:
+                shown.add(base.stem)
+                base_header, _ = yaml_comments(base)
+                out += [f"### Keys every `{group}` option shares (`{group}/{base.name}`)", ""]
+                if base_header:
+                    out += [base_header, ""]
+                shared = _leaves(OmegaConf.to_container(OmegaConf.load(base)))
+                out += _table([(k, types.get(k, "any"), _cell(node.get(k, v)), comments.get(k, ""))
+                               for k, v in shared.items()])
+                out.append("")
             out += [f"### `{group}={option}`", ""]
             if header:
                 out += [header, ""]
             leaves = _leaves(node)
-            if option != "default" and base.exists() and "- default" in path.read_text(encoding="utf-8"):
-                defaults = _leaves(OmegaConf.to_container(_compose([f"{group}=default"])[group], resolve=False))
-                leaves = {k: v for k, v in leaves.items() if defaults.get(k) != v}
-                out += [f"As `{group}=default`, except:", ""]
+            if base is not None:
+                if base.stem.startswith("_"):
+                    inherited = _leaves(OmegaConf.to_container(OmegaConf.load(base)))
+                    out += [f"The keys of `{group}/{base.name}`, and:", ""]
+                else:
+                    inherited = _leaves(OmegaConf.to_container(_compose([f"{group}={base.stem}"])[group],
+                                                               resolve=False))
+                    out += [f"As `{group}={base.stem}`, except:", ""]
+                leaves = {k: v for k, v in leaves.items() if k not in inherited or inherited[k] != v}
             out += _table([(k, types.get(k, "any"), _cell(v), comments.get(k, "")) for k, v in leaves.items()])
             out.append("")
     out += ["## Presets", "", "`experiment=NAME` (files in `experiments/`) and `debug=fast` set keys of several",

@@ -157,7 +157,7 @@ class JsonlDataConfig:
 
 @dataclass
 class CheckpointConfig:
-    policy: str = "both"
+    cadence: str = "both"
     every_seconds: float = 180.0
     every_steps: int = 20
     keep_last: int = 5

@@ -163,7 +163,7 @@ def _check_hardware(cfg: DictConfig, problems: list[str]) -> None:
 
 
 def _check_checkpoint(cfg: DictConfig, problems: list[str]) -> None:
-    _one_of(cfg, "checkpoint.policy", ("time", "step", "both"), problems)
+    _one_of(cfg, "checkpoint.cadence", ("time", "step", "both"), problems)
     _positive(cfg, "checkpoint.every_seconds", problems)
     _positive(cfg, "checkpoint.every_steps", problems)
     _positive(cfg, "checkpoint.keep_last", problems)
