@@ -182,14 +182,16 @@ def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
     a re-run (say, of a sweep) then skips it in seconds, without building the model."""
     import json
 
-    from so8t.config.identity import config_identity
+    from so8t.config.identity import config_identity, upgrade_identity
     from so8t.run.folder_manifest import verify_folder
 
     data = session.load()
+    recorded = data.get("config_identity")
     step = data.get("global_step")
     if (cfg.resume != "auto" or data.get("status") != "completed" or not isinstance(step, int)
             or step < cfg.max_steps
-            or data.get("config_identity") != json.loads(json.dumps(config_identity(cfg)))):
+            or not isinstance(recorded, dict)
+            or upgrade_identity(recorded) != json.loads(json.dumps(config_identity(cfg)))):
         return False
     problems = verify_folder(run_dir / "final")
     if problems:

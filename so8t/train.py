@@ -63,6 +63,18 @@ def _missing_launcher(argv: list[str]) -> str | None:
     return None
 
 
+def _renamed_key(argv: list[str]) -> str | None:
+    """The message for an override of a key that was renamed (Hydra's own error only says
+    that the old key is not in the config)."""
+    from so8t.config.identity import RENAMED_KEYS
+
+    for arg in argv:
+        key = arg.partition("=")[0].lstrip("+~")
+        if key in RENAMED_KEYS:
+            return f"{key} is now called {RENAMED_KEYS[key]}: {arg.replace(key, RENAMED_KEYS[key], 1)}"
+    return None
+
+
 def _preflight(cfg: DictConfig) -> int:
     """``+preflight=true``: print the memory estimate of this config and exit (0, or 2 when the
     model's config cannot be read or the adapters do not fit the model)."""
@@ -85,7 +97,7 @@ def _preflight(cfg: DictConfig) -> int:
 
 
 def main() -> None:
-    problem = _missing_launcher(sys.argv[1:])
+    problem = _missing_launcher(sys.argv[1:]) or _renamed_key(sys.argv[1:])
     if problem:
         print(f"so8t-train: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -143,7 +143,7 @@ def test_neutral_keys_cover_hardware_logging_cadence_and_length():
 
 def test_identity_is_flat_and_excludes_neutral_keys():
     identity = config_identity(compose())
-    assert identity["model.source"] == "tiny"
+    assert identity["model.kind"] == "tiny"
     assert "ppo.optimizer.learning_rate" in identity
     assert not any(k.startswith(("hardware", "checkpoint", "output", "logger")) for k in identity)
     assert "max_steps" not in identity and "run_name" not in identity
@@ -180,4 +180,4 @@ def test_own_presets_on_hydra_searchpath_add_options_to_the_groups(tmp_path):
     (tmp_path / "model" / "my_phi.yaml").write_text("defaults:\n  - local\n  - _self_\npath: /models/my_phi\n")
     cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "model=my_phi"])
     validate(cfg)
-    assert cfg.ppo.clip_range == 0.33 and cfg.model.source == "local" and cfg.model.path == "/models/my_phi"
+    assert cfg.ppo.clip_range == 0.33 and cfg.model.kind == "local" and cfg.model.path == "/models/my_phi"

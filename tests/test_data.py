@@ -92,8 +92,8 @@ def test_arithmetic_bad_ranges_name_the_key(overrides, key):
 
 
 def test_unknown_source_names_the_key():
-    with pytest.raises(ValueError, match="data.source"):
-        build_prompts({"source": "csv"})
+    with pytest.raises(ValueError, match="data.kind"):
+        build_prompts({"kind": "csv"})
 
 
 # --------------------------------------------------------------------------- jsonl
@@ -155,7 +155,7 @@ def test_jsonl_without_chat_template(tmp_path):
 @pytest.mark.parametrize("value, expected", [(True, "<|user|>"), (False, "what is")])
 def test_jsonl_chat_template_accepts_booleans(tmp_path, value, expected):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what is"}])
-    cfg = {"source": "jsonl", "path": str(path), "chat_template": value}
+    cfg = {"kind": "jsonl", "path": str(path), "chat_template": value}
     assert build_prompts(cfg, make_tokenizer(CHAT_TEMPLATE))[0].text.startswith(expected)
 
 
@@ -238,7 +238,7 @@ def test_without_a_chat_template_prompts_get_the_tokenizers_special_tokens():
     tok.add_special_tokens({"bos_token": "<s>"})
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))])
-    cfg = {"source": "arithmetic", "num_prompts": 1, "max_operand": 0, "system_prompt": "be brief"}
+    cfg = {"kind": "arithmetic", "num_prompts": 1, "max_operand": 0, "system_prompt": "be brief"}
     prompt = build_prompts(cfg, tok)[0]
     assert prompt.text == "be brief\n0+0="
     assert prompt.input_ids[0] == tok.convert_tokens_to_ids("<s>")  # a base model's BOS
@@ -248,7 +248,7 @@ def test_without_a_chat_template_prompts_get_the_tokenizers_special_tokens():
 def test_chat_template_must_be_a_real_boolean(tmp_path, value):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what is"}])
     with pytest.raises(ValueError, match="data.chat_template must be true, false or null"):
-        build_prompts({"source": "jsonl", "path": str(path), "chat_template": value}, make_tokenizer(CHAT_TEMPLATE))
+        build_prompts({"kind": "jsonl", "path": str(path), "chat_template": value}, make_tokenizer(CHAT_TEMPLATE))
 
 
 # --------------------------------------------------------------------------- sampler

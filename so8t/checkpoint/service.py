@@ -42,6 +42,7 @@ from so8t.checkpoint.store import (
     parse_step,
 )
 from so8t.checkpoint.writer import AsyncCheckpointWriter
+from so8t.config.identity import upgrade_identity
 
 __all__ = ["CheckpointService", "ResumeResult", "SavedCheckpoint", "SAVE_REASONS", "SPACE_MARGIN"]
 
@@ -478,6 +479,8 @@ class CheckpointService:
         saved_identity = manifest.get("config_identity") or {}
         if not isinstance(saved_identity, dict):  # verify() refuses it; a hand-made call might not
             raise CheckpointError(f"checkpoint {path} has a {MANIFEST_FILE} whose config_identity is not an object")
+        # A checkpoint written before a config key was renamed compares under today's names.
+        saved_identity = upgrade_identity(saved_identity)
         refused, changed = compare_identity(saved_identity, identity, self.shape_keys)
         if refused:
             raise CheckpointError(

@@ -169,7 +169,7 @@ def render() -> str:
             node = OmegaConf.to_container(_compose([f"{group}={option}"])[group], resolve=False)
             group_schema = _GROUP_SCHEMAS[group]
             if isinstance(group_schema, dict):
-                group_schema = group_schema[node.get("kind", node.get("source"))]
+                group_schema = group_schema[node["kind"]]
             types = _schema_types(group_schema)
             # An option that extends another file of its group (logger=wandb extends
             # logger/default.yaml, checkpoint=step extends checkpoint/_common.yaml) shares its comments.

@@ -21,7 +21,7 @@ from so8t.config.logger_schema import LoggerConfig
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"
+    kind: str = "tiny"
     path: Optional[str] = None
     local_files_only: bool = True
     trust_remote_code: bool = False
@@ -128,7 +128,7 @@ DEFAULT_INSTRUCTION = "Add the two numbers:"
 
 @dataclass
 class ArithmeticDataConfig:
-    source: str = "arithmetic"
+    kind: str = "arithmetic"
     num_prompts: int = 100
     min_operand: int = 0
     max_operand: int = 9
@@ -142,7 +142,7 @@ class ArithmeticDataConfig:
 
 @dataclass
 class JsonlDataConfig:
-    source: str = "jsonl"
+    kind: str = "jsonl"
     path: str = MISSING
     prompt_field: str = "prompt"
     messages_field: Optional[str] = "messages"

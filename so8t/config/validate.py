@@ -124,28 +124,28 @@ def _check_adapter(cfg: DictConfig, problems: list[str]) -> None:
 
 
 def _check_data(cfg: DictConfig, problems: list[str]) -> None:
-    _check_kind_schema(cfg.data, "data", "source", DATA_SCHEMAS, problems)
-    if cfg.data.get("source") in DATA_SCHEMAS:
+    _check_kind_schema(cfg.data, "data", "kind", DATA_SCHEMAS, problems)
+    if cfg.data.get("kind") in DATA_SCHEMAS:
         _positive(cfg, "data.max_prompt_tokens", problems)
-    if cfg.data.get("source") == "arithmetic":
+    if cfg.data.get("kind") == "arithmetic":
         _positive(cfg, "data.num_prompts", problems)
         _positive(cfg, "data.min_operand", problems, allow_zero=True)
         if cfg.data.max_operand < cfg.data.min_operand:
             problems.append(f"data.max_operand={cfg.data.max_operand} must be >= "
                             f"data.min_operand={cfg.data.min_operand}")
-    elif cfg.data.get("source") == "jsonl":
+    elif cfg.data.get("kind") == "jsonl":
         if OmegaConf.is_missing(cfg.data, "path"):
             problems.append("data.path must be set for data=jsonl (data.path=/path/to/prompts.jsonl)")
 
 
 def _check_model(cfg: DictConfig, problems: list[str]) -> None:
-    _one_of(cfg, "model.source", ("tiny", "hub", "local"), problems)
+    _one_of(cfg, "model.kind", ("tiny", "hub", "local"), problems)
     _one_of(cfg, "model.quantization", ("none", "nf4", "int8"), problems)
     if not re.fullmatch(r"[A-Za-z0-9_./\-]+", str(cfg.model.attn_implementation)):
         problems.append(f"model.attn_implementation={cfg.model.attn_implementation!r} must name an attention "
                         "implementation of transformers (sdpa, eager, flash_attention_2 ...)")
-    if cfg.model.source in ("hub", "local") and (OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path):
-        problems.append(f"model.path must be set for model.source={cfg.model.source}")
+    if cfg.model.kind in ("hub", "local") and (OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path):
+        problems.append(f"model.path must be set for model.kind={cfg.model.kind}")
 
 
 def _check_hardware(cfg: DictConfig, problems: list[str]) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("arithmetic", "jsonl")
+KINDS = ("arithmetic", "jsonl")
 ROLES = ("system", "user", "assistant")
 
 
@@ -63,14 +63,14 @@ def _setting(node: Any, key: str, default: Any = None) -> Any:
 
 def build_prompts(data_cfg: Any, tokenizer: Any = None) -> list[Prompt]:
     """Build the prompt list described by ``data_cfg`` (see ``so8t.config.schema``)."""
-    source = _setting(data_cfg, "source")
-    if source not in SOURCES:
-        raise ValueError(f"data.source: unknown prompt source {source!r} (choose from {', '.join(SOURCES)})")
+    kind = _setting(data_cfg, "kind")
+    if kind not in KINDS:
+        raise ValueError(f"data.kind: unknown prompt source {kind!r} (choose from {', '.join(KINDS)})")
     use_template = _use_chat_template(_setting(data_cfg, "chat_template"), tokenizer)
     renderer = _Renderer(tokenizer, use_template, _setting(data_cfg, "max_prompt_tokens"))
     system_prompt = _setting(data_cfg, "system_prompt")
     instruction = _setting(data_cfg, "instruction")
-    if source == "arithmetic":
+    if kind == "arithmetic":
         rows = arithmetic_questions(data_cfg)
     else:
         rows = jsonl_rows(data_cfg)
@@ -78,7 +78,7 @@ def build_prompts(data_cfg: Any, tokenizer: Any = None) -> list[Prompt]:
     for where, messages, reference in rows:
         messages = _with_defaults(messages, system_prompt, instruction)
         prompts.append(renderer.render(messages, reference, where))
-    log.info("data: %d prompts from source %r (%s)", len(prompts), source,
+    log.info("data: %d prompts from source %r (%s)", len(prompts), str(kind),
              "chat template" if use_template else "plain text")
     return prompts
 
