@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from so8t.config.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class Deadline:
         return elapsed + 1.5 * (self.slowest_step + self.slowest_save) + 1.0 > self.limit
 
 
-def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
+def _export_final(cfg: TrainConfig, components, run_dir: Path) -> None:
+    from so8t.config.typed import config_record
     from so8t.model.export import save_final
 
     if not components.trainer.group.is_main:  # distributed hook: rank 0 writes final/
@@ -88,8 +89,8 @@ def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
     save_final(
         components.policy,
         components.tokenizer,
-        OmegaConf.to_container(cfg.model, resolve=True),
-        OmegaConf.to_container(cfg.adapter, resolve=True),
+        config_record(cfg.model),
+        config_record(cfg.adapter),
         gate,
         run_dir / "final",
         extra={
@@ -97,13 +98,14 @@ def _export_final(cfg: DictConfig, components, run_dir: Path) -> None:
             # How the policy was asked and when it stopped, so load_policy(...).generate asks
             # and stops the same way.
             "stop_token_ids": list(trainer.stop_ids),
-            "prompting": {key: cfg.data.get(key) for key in ("chat_template", "system_prompt", "instruction")},
+            "prompting": {key: getattr(cfg.data, key) for key in ("chat_template", "system_prompt", "instruction")},
         },
     )
 
 
-def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
-    """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
+def run_training(cfg: TrainConfig, run_dir: Path | None = None) -> int:
+    """Train the run described by ``cfg`` (a validated config: ``so8t.config.validate.validate``
+    of the composed one) in ``run_dir``; returns the process exit code."""
     from so8t import distributed
     from so8t.errors import CheckpointError, ModelNotAvailableError, SetupError
     from so8t.run.attempts import adopt_hydra_files, archive_hydra_config, discard_hydra_files
@@ -177,7 +179,7 @@ def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
         lock.release()
 
 
-def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
+def _completed_already(cfg: TrainConfig, run_dir: Path, session) -> bool:
     """session.json says this very config already ran to ``max_steps`` and exported ``final/``:
     a re-run (say, of a sweep) then skips it in seconds, without building the model."""
     import json
@@ -212,7 +214,7 @@ def _use_deterministic_algorithms() -> None:
     log.info("torch.use_deterministic_algorithms(True) (SO8T_DETERMINISTIC=1)")
 
 
-def _train(cfg: DictConfig, run_dir: Path, session, stop, deadline: Deadline, lock, group) -> int:
+def _train(cfg: TrainConfig, run_dir: Path, session, stop, deadline: Deadline, lock, group) -> int:
     from so8t import distributed
     from so8t.build import build_components
     from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointService

@@ -1,6 +1,8 @@
 """``so8t-train``: compose the config, validate it, build the run and train.
 
 Nothing else lives here: the run's orchestration is in so8t.recipe, the PPO in so8t.ppo.
+Hydra composes a ``DictConfig``; validation turns it into the typed ``TrainConfig`` once, here,
+and that object is what the rest of the run reads (see so8t.config.typed).
 Heavy libraries (torch, transformers, peft) are imported only after the config is valid,
 so a wrong override fails in seconds.
 """
@@ -14,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from so8t.config import CONF_PACKAGE, register
+from so8t.config.schema import TrainConfig
 from so8t.config.validate import ConfigValidationError, validate
 
 log = logging.getLogger("so8t.train")
@@ -28,15 +31,15 @@ def _run(cfg: DictConfig) -> float:
     from so8t.sweep import job_result
 
     try:
-        validate(cfg)
+        config = validate(cfg)
     except ConfigValidationError as exc:
         log.error("%s", exc)
         return job_result(EXIT_REFUSED, run_dir_of_job())
-    if cfg.get("preflight"):
-        raise SystemExit(_preflight(cfg))
+    if cfg.get("preflight"):  # `+preflight=true` is a command, not part of the run's config
+        raise SystemExit(_preflight(config))
     from so8t.recipe import run_training
 
-    return job_result(run_training(cfg), run_dir_of_job(), cfg.output.metrics_file, cfg.optimized_metric)
+    return job_result(run_training(config), run_dir_of_job(), config.output.metrics_file, config.optimized_metric)
 
 
 # Launchers that come with the `sweep` extra: the option names and the plugin they need.
@@ -75,7 +78,7 @@ def _renamed_key(argv: list[str]) -> str | None:
     return None
 
 
-def _preflight(cfg: DictConfig) -> int:
+def _preflight(cfg: TrainConfig) -> int:
     """``+preflight=true``: print the memory estimate of this config and exit (0, or 2 when the
     model's config cannot be read or the adapters do not fit the model)."""
     from so8t.errors import ModelNotAvailableError, SetupError

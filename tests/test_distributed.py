@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from so8t.build import build_components
 from so8t.config import CONF_DIR, register
+from so8t.config.validate import validate
 from so8t.distributed import Group, RankParts
 from so8t.ppo.advantages import masked_whiten
 from so8t.ppo.trainer import ScoredRollout
@@ -35,7 +36,7 @@ N, WORLD = 8, 2
 
 def _components(group=None):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=OVERRIDES)
+        cfg = validate(compose("train", overrides=OVERRIDES))
     return build_components(cfg, group)
 
 

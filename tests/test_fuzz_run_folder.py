@@ -26,6 +26,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from so8t.config import CONF_DIR, register
+from so8t.config.validate import validate
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ def mutate(run: Path, rng: random.Random) -> str:
 def compose_cfg(max_steps: int):
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*RUN_ARGS, f"max_steps={max_steps}"])
+        return validate(compose("train", overrides=[*RUN_ARGS, f"max_steps={max_steps}"]))
 
 
 RESUMED = re.compile(r"resumed from step (\d+)")

@@ -12,11 +12,11 @@ from so8t.ppo.advantages import gae, last_token_index, masked_whiten, token_rewa
 from so8t.ppo.kl import AdaptiveKLController, FixedKLController
 from so8t.ppo.rollout import response_logits, token_logprobs
 from so8t.ppo.schedules import lr_multiplier
-from tests.conftest import compose
+from tests.conftest import typed_config
 
 
 def _trainer(*overrides):
-    return build_components(compose(["hardware.num_threads=1", *overrides])).trainer
+    return build_components(typed_config(["hardware.num_threads=1", *overrides])).trainer
 
 
 def test_gae_matches_a_hand_computed_example():

@@ -9,9 +9,11 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from so8t.config.schema import Cadence
+
 __all__ = ["SaveCadence", "CADENCE_KINDS"]
 
-CADENCE_KINDS = ("time", "step", "both")
+CADENCE_KINDS = tuple(kind.value for kind in Cadence)
 
 
 class SaveCadence:

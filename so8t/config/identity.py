@@ -66,10 +66,11 @@ def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_identity(cfg: Any) -> dict[str, Any]:
-    """Flat ``{"dotted.key": value}`` of every result-shaping key of a composed config."""
-    from omegaconf import OmegaConf
+    """Flat ``{"dotted.key": value}`` of every result-shaping key of a config (a TrainConfig, a
+    composed DictConfig or its record, see so8t.config.typed)."""
+    from so8t.config.typed import config_record
 
-    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    container = cfg if isinstance(cfg, Mapping) else config_record(cfg)
     if not isinstance(container, Mapping):
         raise TypeError("config_identity expects a mapping config")
     return {k: v for k, v in flatten(container).items() if not is_neutral(k)}

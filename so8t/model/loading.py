@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from so8t.config.schema import ModelKind
 from so8t.errors import ModelNotAvailableError
 from so8t.model.quantization import check_quantization, quantization_config
 from so8t.model.tiny import PAD, TINY_DIR
@@ -39,7 +40,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 log = logging.getLogger(__name__)
 
-KINDS = ("tiny", "hub", "local")
+KINDS = tuple(kind.value for kind in ModelKind)
 
 
 def load_base_model(
