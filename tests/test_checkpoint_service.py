@@ -44,7 +44,7 @@ class FakeClock:
 
 def make_cfg(**overrides):
     cfg = dict(cadence="step", every_seconds=60.0, every_steps=1, keep_last=5, keep_every_steps=None,
-               save_on_end=True, async_write=False)
+               save_on_end=True, async_write=False, max_failed_saves=5, max_unprotected=3.0)
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 

@@ -51,9 +51,6 @@ logger = logging.getLogger(__name__)
 SAVE_REASONS = ("time", "step", "signal", "deadline", "end", "manual")
 # Free space wanted before a save, as a multiple of the expected checkpoint size.
 SPACE_MARGIN = 1.1
-# Defaults of the two limits after which failing saves stop the run (see _check_protected).
-MAX_FAILED_SAVES = 5
-MAX_UNPROTECTED = 3.0
 _RESERVED_PARTS = ("rng", "extra")
 
 
@@ -128,8 +125,9 @@ class CheckpointService:
         self.failed_saves = 0
         self.skipped_saves = 0
         self.failures_in_row = 0
-        self.max_failed_saves = int(getattr(cfg, "max_failed_saves", None) or MAX_FAILED_SAVES)
-        self.max_unprotected = float(getattr(cfg, "max_unprotected", None) or MAX_UNPROTECTED)
+        # The two limits after which failing saves stop the run (see _check_protected).
+        self.max_failed_saves = int(cfg.max_failed_saves)
+        self.max_unprotected = float(cfg.max_unprotected)
         self._clock = clock
         self._protected_step = 0  # step and clock of the last commit (or of the start)
         self._protected_time = clock()
