@@ -314,3 +314,15 @@ def test_the_cli_refuses_a_value_outside_a_choice_in_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert "Invalid value 'bogus', expected one of [error, warn, off]" in result.stdout
     assert "hardware.memory_check" in result.stdout and "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("key", ["hardware.num_threads", "adapter.gate.kind", "data.seed"])
+def test_an_option_file_that_leaves_a_key_out_is_refused_naming_it(key):
+    """The schema carries no defaults: a user's own option file without a key is an error
+    naming the key, not a silent second default."""
+    from omegaconf import OmegaConf
+
+    cfg = compose([])
+    OmegaConf.update(cfg, key, "???")
+    with pytest.raises(ConfigValidationError, match=f"{key} is not set"):
+        validate(cfg)
