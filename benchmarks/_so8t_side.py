@@ -141,6 +141,7 @@ def main() -> None:
     import so8t.ppo.trainer  # noqa: F401
     from so8t.build import build_components
     from so8t.config import CONF_DIR, register
+    from so8t.config.validate import validate
     from so8t.rewards import RewardFunction, RewardTerm
 
     if args.adapter == "lora":
@@ -192,7 +193,7 @@ def main() -> None:
         ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         hydra_cfg = compose("train", overrides=overrides)
-    components = build_components(hydra_cfg)
+    components = build_components(validate(hydra_cfg))
     trainer = components.trainer
     trainer.reward_fn = RewardFunction([RewardTerm("reward_token", fraction_of_reward_token, 1.0)])
 

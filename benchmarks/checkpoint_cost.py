@@ -54,8 +54,8 @@ BATCH, SEQ = 2, 8
 
 
 def checkpoint_cfg(async_write: bool) -> SimpleNamespace:
-    return SimpleNamespace(policy="step", every_seconds=None, every_steps=1, keep_last=2, keep_every_steps=None,
-                           save_on_end=True, async_write=async_write)
+    return SimpleNamespace(cadence="step", every_seconds=None, every_steps=1, keep_last=2, keep_every_steps=None,
+                           save_on_end=True, async_write=async_write, max_failed_saves=5, max_unprotected=3.0)
 
 
 IDENTITY = {**{f"model.{k}": v for k, v in MODEL.items()}, "adapter.kind": "lora", "adapter.r": LORA.r}

@@ -92,8 +92,9 @@ def worker(args) -> None:
     from so8t.checkpoint import CheckpointService
     from so8t.config import CONF_DIR, register
     from so8t.config.identity import config_identity
+    from so8t.config.validate import validate
     from so8t.distributed import AgreedDeadline, GroupStop, RankParts, join_group
-    from so8t.recipe import Deadline
+    from so8t.run.clock import Deadline
     from so8t.run.signals import StopSignal
 
     counts: dict[str, int] = {}
@@ -101,7 +102,7 @@ def worker(args) -> None:
     count_collectives(counts, region)
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides(args.batch, args.model_dir))
+        cfg = validate(compose("train", overrides=overrides(args.batch, args.model_dir)))
     group = join_group(cfg.hardware)
     trainer = build_components(cfg, group).trainer
     service = CheckpointService(Path(args.run_dir), cfg.checkpoint, trainer.stateful_parts(), config_identity(cfg),

@@ -238,8 +238,7 @@ def run_variant(variant: str, model_dir: Path, run_dir: Path, args) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 1024**3 / total))
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides_for(variant, model_dir, args))
-    validate(cfg)
+        cfg = validate(compose("train", overrides=overrides_for(variant, model_dir, args)))
     began = time.perf_counter()
     est, table, _ = describe(cfg, "cuda" if cuda else "cpu")
     preflight_s = time.perf_counter() - began

@@ -68,6 +68,7 @@ def compose(model_dir: Path, prompts: Path, sizes: dict, overrides: list[str]):
     from hydra import initialize_config_dir
 
     from so8t.config import CONF_DIR, register
+    from so8t.config.validate import validate
 
     register()
     base = ["model=local", f"model.path={model_dir}", "data=jsonl", f"data.path={prompts}",
@@ -82,7 +83,7 @@ def compose(model_dir: Path, prompts: Path, sizes: dict, overrides: list[str]):
     given = {o.split("=", 1)[0] for o in rest}
     base = [o for o in base if o.split("=", 1)[0] not in given]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=[*adapter_overrides, *base, *rest])
+        return validate(hydra_compose("train", overrides=[*adapter_overrides, *base, *rest]))
 
 
 def live_bytes(trainer) -> int:

@@ -52,8 +52,9 @@ def build_policy_and_tokenizer(model_cfg, adapter_cfg, device: torch.device, dty
     try:
         policy = build_policy(base, adapter_cfg)
     except ValueError as exc:  # e.g. a hidden size the SO(8) blocks cannot split, a layer out of range
-        where = f"model.path={model_cfg.path}" if model_cfg.path else f"model.source={model_cfg.source}"
+        where = f"model.path={model_cfg.path}" if model_cfg.path else f"model.kind={model_cfg.kind}"
         raise SetupError(f"adapter={adapter_cfg.kind} does not fit the model ({where}): {exc}") from exc
+    # (getattr: a model section that final/policy.json recorded before quantization existed lacks it.)
     if str(getattr(model_cfg, "quantization", "none")) == "none":
         # A quantised base is already on the device and must not be moved or cast (bitsandbytes
         # tensors); the adapters and value head are created on its device.

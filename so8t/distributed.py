@@ -544,7 +544,7 @@ def resume_group(checkpoints, mode, identity, group: Group):
     if kind == "error":
         raise CheckpointError(value)
     if value is None:
-        checkpoints.policy.mark_saved(0)
+        checkpoints.cadence.mark_saved(0)
         return None
     return checkpoints.resume_from(value, identity)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from so8t.config.identity import upgrade_section
 from so8t.run.atomic import write_dir_atomically
 from so8t.run.folder_manifest import write_manifest
 
@@ -109,7 +110,7 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32", *
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a SO8T policy export: {POLICY_FILE} is missing")
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    model_cfg = dict(meta["model"])
+    model_cfg = upgrade_section("model", meta["model"])  # a policy.json written under older key names
     for key, allowed in (("trust_remote_code", trust_remote_code), ("local_files_only", local_files_only)):
         if key in model_cfg and model_cfg[key] != allowed:
             log.warning("%s sets model.%s=%s; using %s=%s as the caller asked", meta_file, key, model_cfg[key],

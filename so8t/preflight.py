@@ -29,9 +29,9 @@ FREE_PER_SO8_BLOCK = 28  # entries of a skew-symmetric 8x8 generator
 def _config_source(model_cfg) -> tuple[str | Path, bool]:
     from so8t.model.tiny import TINY_DIR
 
-    if model_cfg.source == "tiny":
+    if model_cfg.kind == "tiny":
         return TINY_DIR, True
-    if model_cfg.source == "local":
+    if model_cfg.kind == "local":
         folder = Path(str(model_cfg.path)).expanduser()
         if not (folder / "config.json").is_file():
             raise ModelNotAvailableError(
@@ -118,7 +118,7 @@ def _adapter_layout(adapter_cfg, model, num_layers: int, hidden: int) -> tuple[i
 
 
 def _prompt_tokens(data_cfg) -> int:
-    if data_cfg.source == "jsonl":
+    if data_cfg.kind == "jsonl":
         return int(data_cfg.max_prompt_tokens)  # the loader refuses longer prompts
     # "a+b=": at most one token per character for byte-level and character tokenizers.
     return 2 * len(str(data_cfg.max_operand)) + 2

@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from omegaconf import DictConfig, OmegaConf
-
+from so8t.config.schema import TrainConfig
 from so8t.exit_codes import ExitCode
 from so8t.run.clock import Deadline, process_started
 
@@ -46,8 +45,9 @@ def _hydra_output_subdir() -> str | None:
     return HydraConfig.get().output_subdir if HydraConfig.initialized() else None
 
 
-def run_training(cfg: DictConfig, run_dir: Path | None = None) -> int:
-    """Train the run described by ``cfg`` in ``run_dir``; returns the process exit code."""
+def run_training(cfg: TrainConfig, run_dir: Path | None = None) -> int:
+    """Train the run described by ``cfg`` (a validated config: ``so8t.config.validate.validate``
+    of the composed one) in ``run_dir``; returns the process exit code."""
     recipe = TrainingRecipe(cfg, run_dir)
     try:
         if recipe.setup():
@@ -66,7 +66,7 @@ class TrainingRecipe:
     failure: 74, a takeover of the run dir: 3), so the caller only calls the three in order.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None):
         self.cfg = cfg
         # Taken first: max_wall_seconds counts from the process start, not from here.
         self.started = process_started()
@@ -384,6 +384,7 @@ class TrainingRecipe:
         session.end_attempt(status, reason, code)
 
     def _export_final(self) -> None:
+        from so8t.config.typed import config_record
         from so8t.final_policy import save_final
 
         cfg, components, trainer = self.cfg, self.components, self.trainer
@@ -393,8 +394,8 @@ class TrainingRecipe:
         save_final(
             components.policy,
             components.tokenizer,
-            OmegaConf.to_container(cfg.model, resolve=True),
-            OmegaConf.to_container(cfg.adapter, resolve=True),
+            config_record(cfg.model),
+            config_record(cfg.adapter),
             gate,
             self.run_dir / "final",
             extra={
@@ -402,7 +403,7 @@ class TrainingRecipe:
                 # How the policy was asked and when it stopped, so load_policy(...).generate asks
                 # and stops the same way.
                 "stop_token_ids": list(trainer.stop_ids),
-                "prompting": {key: cfg.data.get(key) for key in ("chat_template", "system_prompt", "instruction")},
+                "prompting": {key: getattr(cfg.data, key) for key in ("chat_template", "system_prompt", "instruction")},
             },
         )
 
@@ -455,19 +456,21 @@ class TrainingRecipe:
             self.code = ExitCode.FAILED
 
 
-def _completed_already(cfg: DictConfig, run_dir: Path, session) -> bool:
+def _completed_already(cfg: TrainConfig, run_dir: Path, session) -> bool:
     """session.json says this very config already ran to ``max_steps`` and exported ``final/``:
     a re-run (say, of a sweep) then skips it in seconds, without building the model."""
     import json
 
-    from so8t.config.identity import config_identity
+    from so8t.config.identity import config_identity, upgrade_identity
     from so8t.run.folder_manifest import verify_folder
 
     data = session.load()
+    recorded = data.get("config_identity")
     step = data.get("global_step")
     if (cfg.resume != "auto" or data.get("status") != "completed" or not isinstance(step, int)
             or step < cfg.max_steps
-            or data.get("config_identity") != json.loads(json.dumps(config_identity(cfg)))):
+            or not isinstance(recorded, dict)
+            or upgrade_identity(recorded) != json.loads(json.dumps(config_identity(cfg)))):
         return False
     problems = verify_folder(run_dir / "final")
     if problems:

@@ -1,9 +1,11 @@
 """``so8t-train``: compose the config, validate it, build the run and train.
 
 Nothing else lives here: the run's orchestration is in so8t.recipe, the PPO in so8t.ppo.
-The config's own checks (so8t.config.validate) run before torch is imported, the checks that
-need the domain code (reward functions, the optimizer class, the LR schedule: so8t.build.check_config)
-right after, and no model is loaded before both pass, so a wrong override fails in seconds.
+Hydra composes a ``DictConfig``; validation turns it into the typed ``TrainConfig`` once, here,
+and that object is what the rest of the run reads (see so8t.config.typed).
+The config's own checks (so8t.config.validate) and the reward terms' (so8t.rewards) run before
+torch is imported; the optimizer class and LR schedule are checked when the run is built, before
+any model is loaded (so8t.build.check_optimizer). A wrong override fails in seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from so8t.config import CONF_PACKAGE, register
+from so8t.config.schema import TrainConfig
 from so8t.config.validate import ConfigValidationError, validate
 
 log = logging.getLogger("so8t.train")
@@ -30,20 +33,22 @@ def _run(cfg: DictConfig) -> float:
     from so8t.sweep import job_result
 
     try:
-        validate(cfg)
-        from so8t.build import check_config
+        config = validate(cfg)
+        from so8t.rewards import check_reward_config
 
-        problems = check_config(cfg)
+        # The reward terms' functions and options (cheap: no torch for the built-ins); the optimizer
+        # and LR schedule are checked first thing when the run is built (so8t.build.check_optimizer).
+        problems = check_reward_config(cfg.reward)
         if problems:
             raise ConfigValidationError(problems)
     except ConfigValidationError as exc:
         log.error("%s", exc)
         return job_result(ExitCode.REFUSED, run_dir_of_job())
-    if cfg.get("preflight"):
-        raise SystemExit(_preflight(cfg))
+    if cfg.get("preflight"):  # `+preflight=true` is a command, not part of the run's config
+        raise SystemExit(_preflight(config))
     from so8t.recipe import run_training
 
-    return job_result(run_training(cfg), run_dir_of_job(), cfg.output.metrics_file, cfg.optimized_metric)
+    return job_result(run_training(config), run_dir_of_job(), config.output.metrics_file, config.optimized_metric)
 
 
 # Launchers that come with the `sweep` extra: the option names and the plugin they need.
@@ -70,7 +75,19 @@ def _missing_launcher(argv: list[str]) -> str | None:
     return None
 
 
-def _preflight(cfg: DictConfig) -> int:
+def _renamed_key(argv: list[str]) -> str | None:
+    """The message for an override of a key that was renamed (Hydra's own error only says
+    that the old key is not in the config)."""
+    from so8t.config.identity import RENAMED_KEYS
+
+    for arg in argv:
+        key = arg.partition("=")[0].lstrip("+~")
+        if key in RENAMED_KEYS:
+            return f"{key} is now called {RENAMED_KEYS[key]}: {arg.replace(key, RENAMED_KEYS[key], 1)}"
+    return None
+
+
+def _preflight(cfg: TrainConfig) -> int:
     """``+preflight=true``: print the memory estimate of this config and exit (0, or 2 when the
     model's config cannot be read or the adapters do not fit the model)."""
     from so8t.errors import ModelNotAvailableError, SetupError
@@ -92,7 +109,7 @@ def _preflight(cfg: DictConfig) -> int:
 
 
 def main() -> None:
-    problem = _missing_launcher(sys.argv[1:])
+    problem = _missing_launcher(sys.argv[1:]) or _renamed_key(sys.argv[1:])
     if problem:
         print(f"so8t-train: {problem}", file=sys.stderr)
         from so8t.exit_codes import ExitCode

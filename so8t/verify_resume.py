@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"these are set by so8t-verify-resume itself: {' '.join(blocked)}")
 
     n, half = args.updates, args.updates // 2
-    common = [*args.overrides, f"max_steps={n}", "checkpoint.policy=step", f"checkpoint.every_steps={half}",
+    common = [*args.overrides, f"max_steps={n}", "checkpoint.cadence=step", f"checkpoint.every_steps={half}",
               "checkpoint.async_write=false", "checkpoint.save_on_end=true"]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="so8t-verify-resume-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Shared fixtures: compose a config, run the real CLI, inject faults.
 
 * ``compose(overrides)`` / the ``compose`` fixture: the config ``so8t-train`` would compose
-  (the shipped conf/ through so8t.config, presets registered), without running anything.
+  (the shipped conf/ through so8t.config, presets registered), without running anything;
+  ``typed_config(overrides)``: the same, validated and typed, as the run receives it.
 * ``cli_argv(*overrides)``, ``cli_env()`` and the ``so8t_cli`` fixture: the real CLI in a
   subprocess (``python -m so8t.train``), bars off, output unbuffered, Hydra's full errors; the
   fixture runs it in its own folder and returns the finished process, output in ``.stdout``.
@@ -35,6 +36,14 @@ def compose(overrides: Iterable[str] = ()):
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides))
+
+
+def typed_config(overrides: Iterable[str] = ()):
+    """The validated, typed config (a TrainConfig) for these overrides, as so8t-train passes
+    it to the run."""
+    from so8t.config.validate import validate
+
+    return validate(compose(overrides))
 
 
 def cli_env(**extra: str) -> dict[str, str]:

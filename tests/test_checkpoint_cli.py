@@ -198,7 +198,7 @@ def test_sigkill_after_half_then_rerun_is_bit_exact(tmp_path, straight):
     assert all(rows[s] == expected[s] for s in rows if s <= k), "rows before the resume point differ"
 
 
-def test_time_policy_kill_at_a_random_moment_then_rerun(tmp_path, straight):
+def test_time_cadence_kill_at_a_random_moment_then_rerun(tmp_path, straight):
     """The issue's "Done when", scaled down: time checkpoints, kill -9 anywhere, same weights."""
     args = ("run_name=timed", f"max_steps={N}", "checkpoint=time", "checkpoint.every_seconds=0.3",
             "checkpoint.keep_last=3")

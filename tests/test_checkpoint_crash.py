@@ -27,8 +27,9 @@ SETUP = textwrap.dedent(
     def build(run_dir):
         model = torch.nn.Linear(256, 256)
         parts = {"model": model, "optim": torch.optim.Adam(model.parameters()), "counter": Counter()}
-        cfg = SimpleNamespace(policy="step", every_seconds=None, every_steps=1, keep_last=3,
-                              keep_every_steps=None, save_on_end=True, async_write=True)
+        cfg = SimpleNamespace(cadence="step", every_seconds=None, every_steps=1, keep_last=3,
+                              keep_every_steps=None, save_on_end=True, async_write=True, max_failed_saves=5,
+                              max_unprotected=3.0)
         return CheckpointService(run_dir, cfg, parts, {"model.size": 256}), parts
     """
 )

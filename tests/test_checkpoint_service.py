@@ -43,8 +43,8 @@ class FakeClock:
 
 
 def make_cfg(**overrides):
-    cfg = dict(policy="step", every_seconds=60.0, every_steps=1, keep_last=5, keep_every_steps=None,
-               save_on_end=True, async_write=False)
+    cfg = dict(cadence="step", every_seconds=60.0, every_steps=1, keep_last=5, keep_every_steps=None,
+               save_on_end=True, async_write=False, max_failed_saves=5, max_unprotected=3.0)
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 
@@ -137,10 +137,10 @@ def test_manifest_records_reason_covers_and_identity(tmp_path):
     assert service.last_saved.step == 1 and service.last_saved.reason == "signal"
 
 
-def test_time_policy_through_the_service(tmp_path):
+def test_time_cadence_through_the_service(tmp_path):
     clock = FakeClock()
     parts = make_parts()
-    service = CheckpointService(tmp_path, make_cfg(policy="time", every_seconds=10), parts, IDENTITY, clock=clock)
+    service = CheckpointService(tmp_path, make_cfg(cadence="time", every_seconds=10), parts, IDENTITY, clock=clock)
     service.resume("auto")
     assert service.maybe_save(1) is None
     clock.now = 10.0

@@ -6,6 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from so8t.config import CONF_DIR, EXPERIMENTS_DIR, register
+from so8t.config.help import options_of
 from so8t.config.identity import config_identity, is_neutral, name_from_overrides, safe_name
 from so8t.config.validate import ConfigValidationError, validate
 from tests.conftest import compose
@@ -14,7 +15,7 @@ register()
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return options_of(CONF_DIR / group)
 
 
 GROUP_OPTIONS = [
@@ -63,6 +64,8 @@ def test_hardware_profiles_change_only_device_and_memory_knobs():
         ("ppo.temperature=hot", "ppo.temperature"),
         ("max_steps=many", "max_steps"),
         ("adapter=nope", "adapter/nope"),
+        ("ppo.kl.kind=magic", "ppo.kl.kind"),
+        ("checkpoint.cadence=sometimes", "checkpoint.cadence"),
     ],
 )
 def test_unknown_keys_and_wrong_types_fail_at_composition_naming_the_key(override, needle):
@@ -80,14 +83,12 @@ def test_unknown_keys_and_wrong_types_fail_at_composition_naming_the_key(overrid
         (["ppo.mini_batch_size=5"], "ppo.mini_batch_size"),
         (["hardware.micro_batch_size=3"], "hardware.micro_batch_size"),
         (["ppo.gamma=1.5"], "ppo.gamma"),
-        (["ppo.kl.kind=magic"], "ppo.kl.kind"),
         (["+model.bogus=1"], "model.bogus"),
         (["+adapter.bogus=1"], "adapter.bogus"),
         (["+adapter.gate.bogus=1"], "adapter.gate.bogus"),
         (["adapter.gate.kind=sigmoid", "adapter.gate.steps=0"], "adapter.gate.steps"),
         (["data.max_operand=-1"], "data.max_operand"),
         (["hardware.device=tpu"], "hardware.device"),
-        (["checkpoint.policy=sometimes"], "checkpoint.policy"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
         (["max_steps=0"], "max_steps"),
         (["model=local"], "model.path"),
@@ -144,7 +145,7 @@ def test_neutral_keys_cover_hardware_logging_cadence_and_length():
 
 def test_identity_is_flat_and_excludes_neutral_keys():
     identity = config_identity(compose())
-    assert identity["model.source"] == "tiny"
+    assert identity["model.kind"] == "tiny"
     assert identity["ppo.optimizer._target_"] == "torch.optim.AdamW" and "ppo.optimizer.lr" in identity
     assert not any(k.startswith(("hardware", "checkpoint", "output", "logger")) for k in identity)
     assert "max_steps" not in identity and "run_name" not in identity
@@ -181,4 +182,148 @@ def test_own_presets_on_hydra_searchpath_add_options_to_the_groups(tmp_path):
     (tmp_path / "model" / "my_phi.yaml").write_text("defaults:\n  - local\n  - _self_\npath: /models/my_phi\n")
     cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "model=my_phi"])
     validate(cfg)
-    assert cfg.ppo.clip_range == 0.33 and cfg.model.source == "local" and cfg.model.path == "/models/my_phi"
+    assert cfg.ppo.clip_range == 0.33 and cfg.model.kind == "local" and cfg.model.path == "/models/my_phi"
+
+
+# ---------------------------------------------------------------------- one place per fact
+
+
+def _schema_fields(cls, prefix=""):
+    """(dotted key, dataclasses.Field, type) of every leaf field of a schema dataclass."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, hints[f.name]
+
+
+def _group_schemas():
+    from so8t.config.typed import GROUP_SCHEMAS
+
+    for group, found in GROUP_SCHEMAS.items():
+        for kind, cls in (found.items() if isinstance(found, dict) else [(None, found)]):
+            option = {"adapter": kind, "data": kind}.get(group)
+            yield group, option, cls
+
+
+def _choice_fields():
+    import enum
+    import typing
+
+    for group, option, cls in _group_schemas():
+        for key, _, tp in _schema_fields(cls):
+            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            if isinstance(args[0], type) and issubclass(args[0], enum.Enum):
+                yield group, option, key, [m.value for m in args[0]]
+
+
+CHOICES = list(_choice_fields())
+
+
+@pytest.mark.parametrize("group,option,key,choices", CHOICES, ids=[f"{g}.{k}" for g, _, k, _ in CHOICES])
+def test_a_value_outside_a_choice_fails_at_composition_naming_the_key_and_the_choices(group, option, key, choices):
+    picked = [f"{group}={option}"] if option else []
+    value = "[bogus]" if key == "backends" else "bogus"
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([*picked, f"{group}.{key}={value}"])
+    text = str(info.value) + str(info.value.__cause__ or "")
+    assert f"{group}.{key}" in text and "bogus" in text
+    assert f"expected one of [{', '.join(choices)}]" in text
+
+
+def _ranged_fields():
+    from so8t.config.schema import TrainConfig
+
+    for group, option, cls in _group_schemas():
+        for key, f, _ in _schema_fields(cls):
+            if "range" in f.metadata:
+                yield group, option, f"{group}.{key}", f.metadata["range"]
+    for key, f, _ in _schema_fields(TrainConfig):
+        if "." not in key and "range" in f.metadata:
+            yield None, None, key, f.metadata["range"]
+
+
+RANGED = list(_ranged_fields())
+
+
+@pytest.mark.parametrize("group,option,key,valid", RANGED, ids=[k for _, _, k, _ in RANGED])
+def test_each_range_beside_its_field_is_checked(group, option, key, valid):
+    """Every ``ranged(...)`` field of the schema refuses a value just outside its range, and the
+    message states the range: the one generic check reads each field's own metadata."""
+    picked = [f"{group}={option}", *REQUIRED.get((group, option), [])] if option else []
+    outside = (valid.low if valid.low_open else valid.low - 1) if valid.low is not None else valid.high + 1
+    cfg = compose([*picked, f"{key}={outside}", *(["data.min_operand=0"] if key == "data.max_operand" else [])])
+    with pytest.raises(ConfigValidationError) as info:
+        validate(cfg)
+    assert any(p.startswith(f"{key}=") and valid.describe() in p for p in info.value.problems), info.value.problems
+    # ... and a value inside passes that check.
+    inside = valid.low + 1 if valid.high is None else (valid.low + valid.high) / 2
+    try:
+        validate(compose([*picked, f"{key}={inside}"]))
+    except ConfigValidationError as exc:
+        assert not any(p.startswith(f"{key}=") for p in exc.problems), exc.problems
+
+
+# Schemas that keep defaults of their own (see the so8t.config.schema docstring).
+SCHEMA_DEFAULTS = ("RewardTermConfig", "RewardConfig", "OptimizerConfig")
+
+
+def test_every_default_lives_in_one_place_the_yaml_option_files():
+    """A schema field that the YAML files set has no default in the schema, so the two cannot
+    disagree; the YAML option is where a user reads (and docs/config-reference.md lists) it."""
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    from so8t.config.schema import TrainConfig
+
+    def defaults(cls, prefix=""):
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                if tp.__name__ not in SCHEMA_DEFAULTS:
+                    yield from defaults(tp, f"{prefix}{f.name}.")
+            elif f.default is not MISSING or f.default_factory is not dataclasses.MISSING:
+                yield f"{prefix}{f.name}", f.default
+
+    with_defaults = list(defaults(TrainConfig))
+    for group, _, cls in _group_schemas():
+        if cls.__name__ not in SCHEMA_DEFAULTS:
+            with_defaults += [(f"{group}.{k}", d) for k, d in defaults(cls)]
+    assert with_defaults == []
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_value_outside_a_choice_in_one_clear_line(tmp_path):
+    """A wrong choice is refused while Hydra composes: exit code 1 (Hydra's, as for an unknown
+    key), the key and the valid choices named, no traceback."""
+    import os
+    import subprocess
+
+    from tests.conftest import cli_argv
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = subprocess.run(cli_argv("hardware.memory_check=bogus"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Invalid value 'bogus', expected one of [error, warn, off]" in result.stdout
+    assert "hardware.memory_check" in result.stdout and "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("key", ["hardware.num_threads", "adapter.gate.kind", "data.seed"])
+def test_an_option_file_that_leaves_a_key_out_is_refused_naming_it(key):
+    """The schema carries no defaults: a user's own option file without a key is an error
+    naming the key, not a silent second default."""
+    from omegaconf import OmegaConf
+
+    cfg = compose([])
+    OmegaConf.update(cfg, key, "???")
+    with pytest.raises(ConfigValidationError, match=f"{key} is not set"):
+        validate(cfg)

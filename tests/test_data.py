@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from omegaconf import OmegaConf
 
-from so8t.config.schema import ArithmeticDataConfig, JsonlDataConfig
+from so8t.config.typed import option_config
+from so8t.config.validate import ConfigValidationError
 from so8t.data import PromptSampler, build_prompts
+from so8t.data.prompts import render_user_prompts
+from tests.conftest import compose, typed_config
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
@@ -31,8 +33,7 @@ def make_tokenizer(chat_template: str | None = None):
 
 def arithmetic(**overrides):
     """Bare questions unless a test asks for the system prompt and instruction."""
-    overrides = {"system_prompt": None, "instruction": None, **overrides}
-    return OmegaConf.structured(ArithmeticDataConfig(**overrides))
+    return option_config("data", "arithmetic", **{"system_prompt": None, "instruction": None, **overrides})
 
 
 def write_jsonl(path, rows):
@@ -42,7 +43,7 @@ def write_jsonl(path, rows):
 
 
 def jsonl(path, **overrides):
-    return OmegaConf.structured(JsonlDataConfig(path=str(path), **overrides))
+    return option_config("data", "jsonl", path=str(path), **overrides)
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -79,21 +80,17 @@ def test_arithmetic_does_not_touch_the_global_rng():
 
 
 @pytest.mark.parametrize(
-    "overrides, key",
+    "overrides, message",
     [
-        ({"min_operand": 5, "max_operand": 3}, "data.max_operand"),
-        ({"min_operand": -1}, "data.min_operand"),
-        ({"num_prompts": 0}, "data.num_prompts"),
+        (["data.min_operand=5", "data.max_operand=3"], "data.max_operand=3 must be >= data.min_operand=5"),
+        (["data.min_operand=-1"], "data.min_operand=-1 must be >= 0"),
+        (["data.num_prompts=0"], "data.num_prompts=0 must be > 0"),
+        (["data.kind=csv"], "data.kind='csv' is not one of"),
     ],
 )
-def test_arithmetic_bad_ranges_name_the_key(overrides, key):
-    with pytest.raises(ValueError, match=key):
-        build_prompts(arithmetic(**overrides))
-
-
-def test_unknown_source_names_the_key():
-    with pytest.raises(ValueError, match="data.source"):
-        build_prompts({"source": "csv"})
+def test_arithmetic_bad_settings_are_refused_with_the_config_naming_the_key(overrides, message):
+    with pytest.raises(ConfigValidationError, match=message):
+        typed_config(overrides)
 
 
 # --------------------------------------------------------------------------- jsonl
@@ -155,8 +152,7 @@ def test_jsonl_without_chat_template(tmp_path):
 @pytest.mark.parametrize("value, expected", [(True, "<|user|>"), (False, "what is")])
 def test_jsonl_chat_template_accepts_booleans(tmp_path, value, expected):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what is"}])
-    cfg = {"source": "jsonl", "path": str(path), "chat_template": value}
-    assert build_prompts(cfg, make_tokenizer(CHAT_TEMPLATE))[0].text.startswith(expected)
+    assert build_prompts(jsonl(path, chat_template=value), make_tokenizer(CHAT_TEMPLATE))[0].text.startswith(expected)
 
 
 def test_jsonl_prompt_too_long_names_the_line(tmp_path):
@@ -238,17 +234,19 @@ def test_without_a_chat_template_prompts_get_the_tokenizers_special_tokens():
     tok.add_special_tokens({"bos_token": "<s>"})
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))])
-    cfg = {"source": "arithmetic", "num_prompts": 1, "max_operand": 0, "system_prompt": "be brief"}
-    prompt = build_prompts(cfg, tok)[0]
+    prompt = build_prompts(arithmetic(num_prompts=1, max_operand=0, system_prompt="be brief"), tok)[0]
     assert prompt.text == "be brief\n0+0="
     assert prompt.input_ids[0] == tok.convert_tokens_to_ids("<s>")  # a base model's BOS
 
 
-@pytest.mark.parametrize("value", ["true", "auto", 1])
-def test_chat_template_must_be_a_real_boolean(tmp_path, value):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what is"}])
-    with pytest.raises(ValueError, match="data.chat_template must be true, false or null"):
-        build_prompts({"source": "jsonl", "path": str(path), "chat_template": value}, make_tokenizer(CHAT_TEMPLATE))
+def test_chat_template_must_be_a_boolean_or_null():
+    # In a config the schema refuses anything else while composing ...
+    with pytest.raises(Exception, match="chat_template"):
+        compose(["data.chat_template=auto"])
+    # ... and a recorded setting (final/policy.json's prompting) is checked where it is read.
+    for value in ("true", "auto", 1):
+        with pytest.raises(ValueError, match="data.chat_template must be true, false or null"):
+            render_user_prompts(["what is"], make_tokenizer(CHAT_TEMPLATE), chat_template=value)
 
 
 # --------------------------------------------------------------------------- sampler

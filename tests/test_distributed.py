@@ -26,6 +26,7 @@ from so8t.checkpoint import CheckpointService
 from so8t.checkpoint.state import capture_rng, unflatten_state
 from so8t.checkpoint.store import CheckpointStore
 from so8t.config import CONF_DIR, register
+from so8t.config.validate import validate
 from so8t.distributed import Group, GroupStop, RankParts
 from so8t.ppo.advantages import masked_whiten
 from so8t.ppo.trainer import ScoredRollout
@@ -42,7 +43,7 @@ N, WORLD = 8, 2
 
 def _config():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*OVERRIDES, "checkpoint=step", "checkpoint.every_steps=1"])
+        return validate(compose("train", overrides=[*OVERRIDES, "checkpoint=step", "checkpoint.every_steps=1"]))
 
 
 def _components(group=None):
@@ -69,7 +70,7 @@ def _boundary_save(rank: int, folder: str, group: Group, trainer) -> dict:
     """The training loop's sequence after an update: agree, then save (a checkpoint is due)."""
     service = CheckpointService(f"{folder}/run", _config().checkpoint, trainer.stateful_parts(), {"test": 1},
                                 ranks=RankParts(group))
-    service.policy.mark_saved(0)
+    service.cadence.mark_saved(0)
     stop = GroupStop(StopSignal(), group)
     torch.rand(3)  # each rank's stream somewhere of its own
     at_boundary = capture_rng()

@@ -225,7 +225,7 @@ def _phi3_shaped_final(tmp: Path) -> tuple[Path, object]:
     base_dir = tmp / "phi3-base"
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    model_cfg = {"source": "local", "path": str(base_dir), "local_files_only": True, "trust_remote_code": False}
+    model_cfg = {"kind": "local", "path": str(base_dir), "local_files_only": True, "trust_remote_code": False}
     adapter_cfg = {"kind": "so8", "layers": [0, 2, -1], "init_std": 0.3,
                    "gate": {"kind": "constant", "start": 1.0, "target": 1.0, "steps": 0, "steepness": 10.0}}
     policy, tokenizer = build_policy_and_tokenizer(OmegaConf.create(model_cfg), OmegaConf.create(adapter_cfg),
@@ -311,7 +311,7 @@ def test_lora_merge_export_loads_in_plain_transformers_and_equals_the_policy(lor
 
 
 def _tiny_final(tmp: Path, gate: float, name: str = "run") -> Path:
-    model_cfg = {"source": "tiny", "path": None, "local_files_only": True, "trust_remote_code": False}
+    model_cfg = {"kind": "tiny", "path": None, "local_files_only": True, "trust_remote_code": False}
     adapter_cfg = {"kind": "so8", "layers": None, "init_std": 0.1,
                    "gate": {"kind": "constant", "start": gate, "target": gate, "steps": 0, "steepness": 10.0}}
     policy, tokenizer = build_policy_and_tokenizer(OmegaConf.create(model_cfg), OmegaConf.create(adapter_cfg),
@@ -343,7 +343,7 @@ def test_an_unsupported_architecture_is_refused_by_name(tmp_path):
                                          head_dim=16, pad_token_id=tokenizer.pad_token_id))
     model.save_pretrained(tmp_path / "gemma")
     tokenizer.save_pretrained(tmp_path / "gemma")
-    model_cfg = {"source": "local", "path": str(tmp_path / "gemma"), "local_files_only": True,
+    model_cfg = {"kind": "local", "path": str(tmp_path / "gemma"), "local_files_only": True,
                  "trust_remote_code": False}
     adapter_cfg = {"kind": "so8", "layers": None, "init_std": 0.1,
                    "gate": {"kind": "constant", "start": 1.0, "target": 1.0, "steps": 0, "steepness": 10.0}}

@@ -26,6 +26,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from so8t.config import CONF_DIR, register
+from so8t.config.validate import validate
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ def mutate(run: Path, rng: random.Random) -> str:
 def compose_cfg(max_steps: int):
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*RUN_ARGS, f"max_steps={max_steps}"])
+        return validate(compose("train", overrides=[*RUN_ARGS, f"max_steps={max_steps}"]))
 
 
 RESUMED = re.compile(r"resumed from step (\d+)")
@@ -170,7 +171,7 @@ def test_mutated_run_folders_resume_fall_back_or_refuse_never_crash(base_run, tm
     lambda run: (run / "checkpoints" / "step_00000004" / "MANIFEST.json").write_bytes(b"[" * 200_000),
     lambda run: _set_manifest(run, "step_00000004", "config_identity", ["a", "list"]),
     lambda run: _set_manifest(run, "step_00000004", "config_identity",
-                              {**_manifest(run, "step_00000004")["config_identity"], "model.source": "elsewhere"}),
+                              {**_manifest(run, "step_00000004")["config_identity"], "model.kind": "elsewhere"}),
 ], ids=["session-not-utf8", "manifest-deep-nesting", "identity-not-a-dict", "identity-of-another-model"])
 def test_the_cli_on_a_mutated_run_folder(base_run, tmp_path, mutation):
     cwd = tmp_path

@@ -37,9 +37,9 @@ SAMPLES = [
 ]
 
 
-def model_cfg(source: str, path: str | None = None, **kw) -> SimpleNamespace:
+def model_cfg(kind: str, path: str | None = None, **kw) -> SimpleNamespace:
     return SimpleNamespace(
-        source=source,
+        kind=kind,
         path=path,
         local_files_only=kw.get("local_files_only", True),
         trust_remote_code=False,
@@ -336,6 +336,6 @@ def test_hub_model_not_cached_is_a_clear_error(monkeypatch, tmp_path, local_file
     assert "model=local model.path=" in message
 
 
-def test_unknown_source_is_rejected():
-    with pytest.raises(ValueError, match="model.source"):
+def test_unknown_kind_is_rejected():
+    with pytest.raises(ValueError, match="model.kind"):
         load_base_model(model_cfg("ftp"))

@@ -11,11 +11,11 @@ from so8t.build import build_components
 from so8t.ppo.advantages import gae, last_token_index, masked_whiten, token_rewards
 from so8t.ppo.kl import AdaptiveKLController, FixedKLController
 from so8t.ppo.rollout import response_logits, token_logprobs
-from tests.conftest import compose
+from tests.conftest import typed_config
 
 
 def _trainer(*overrides):
-    return build_components(compose(["hardware.num_threads=1", *overrides])).trainer
+    return build_components(typed_config(["hardware.num_threads=1", *overrides])).trainer
 
 
 def test_gae_matches_a_hand_computed_example():

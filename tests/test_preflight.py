@@ -15,6 +15,7 @@ import transformers
 from hydra import compose, initialize_config_dir
 
 from so8t.config import CONF_DIR, register
+from so8t.config.validate import validate
 from so8t.errors import SetupError
 from so8t.model.memory import GIB, estimate
 from so8t.preflight import check_memory, fitting_knobs, shapes_for
@@ -46,7 +47,7 @@ def small_dir(tmp_path_factory):
 
 def _cfg(*overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return validate(compose("train", overrides=list(overrides)))
 
 
 def run_cli(cwd: Path, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -134,9 +135,13 @@ def test_a_quantised_base_without_cuda_is_refused_clearly(kind, tmp_path):
 
 
 def test_bad_new_keys_are_refused_naming_the_key(tmp_path):
-    proc = run_cli(tmp_path, "model.quantization=fp8", "hardware.memory_check=maybe",
-                   "hardware.rollout_micro_batch_size=0")
+    # A value outside a choice is refused while Hydra composes (exit 1, as an unknown key) ...
+    for override, choices in (("model.quantization=fp8", "[none, nf4, int8]"),
+                              ("hardware.memory_check=maybe", "[error, warn, off]")):
+        proc = run_cli(tmp_path, override)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and override.split("=")[0] in out and f"expected one of {choices}" in out, out
+    # ... a value outside a range by validation (exit 2).
+    proc = run_cli(tmp_path, "hardware.rollout_micro_batch_size=0")
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2
-    for key in ("model.quantization='fp8'", "hardware.memory_check='maybe'", "hardware.rollout_micro_batch_size=0"):
-        assert key in out, key
+    assert proc.returncode == 2 and "hardware.rollout_micro_batch_size=0 must be > 0" in out, out

@@ -6,7 +6,7 @@ import json
 
 from so8t.recipe import EXIT_OK, EXIT_REFUSED, run_training
 from so8t.run.metrics import read_metrics
-from tests.conftest import compose
+from tests.conftest import typed_config as compose
 
 FAST = ["debug=fast", "hardware.num_threads=1", "output.progress_bars=false", "checkpoint=step",
         "checkpoint.every_steps=2"]

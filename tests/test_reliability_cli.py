@@ -88,7 +88,7 @@ def test_load_policy_ignores_trust_remote_code_and_downloads_asked_for_by_policy
     final = tmp_path / "final"
     shutil.copytree(base / "outputs" / "default" / "runs" / "base" / "final", final)
     meta = json.loads((final / "policy.json").read_text())
-    meta["model"].update(trust_remote_code=True, local_files_only=False, source="hub", path="someone/else")
+    meta["model"].update(trust_remote_code=True, local_files_only=False, kind="hub", path="someone/else")
     (final / "policy.json").write_text(json.dumps(meta))
     seen = {}
 

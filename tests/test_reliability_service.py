@@ -108,7 +108,7 @@ def test_skipped_saves_for_lack_of_space_count_and_stop_the_run_too(tmp_path, mo
 def test_no_commit_for_too_many_cadence_intervals_stops_a_time_based_run(tmp_path, monkeypatch):
     clock = FakeClock()
     parts = make_parts()
-    service = CheckpointService(tmp_path, make_cfg(policy="time", every_seconds=10.0, max_failed_saves=100,
+    service = CheckpointService(tmp_path, make_cfg(cadence="time", every_seconds=10.0, max_failed_saves=100,
                                                    max_unprotected=3.0), parts, IDENTITY, clock=clock)
     service.resume("auto")
     _fail_tensor_writes(monkeypatch)

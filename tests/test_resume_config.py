@@ -16,13 +16,13 @@ import logging
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from so8t.build import build_components
 from so8t.checkpoint import DEFAULT_SHAPE_KEYS, CheckpointError, CheckpointService
 from so8t.checkpoint.identity import compare_identity
 from so8t.config import CONF_DIR, register
 from so8t.config.identity import config_identity
+from so8t.config.validate import validate
 from so8t.ppo.optim import build_lr_scheduler
 from so8t.resume_config import RESUME_SHAPE_KEYS, capture_hyperparameters, reapply_hyperparameters
 
@@ -34,7 +34,8 @@ STRING_ALTERNATIVES = {"constant": "linear", "linear": "cosine", "cosine": "line
 def compose_cfg(*overrides: str):
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=["output.progress_bars=false", "hardware.num_threads=1", *overrides])
+        return validate(compose("train", overrides=["output.progress_bars=false", "hardware.num_threads=1",
+                                                    *overrides]))
 
 
 def save_after(cfg, run_dir, steps: int):
@@ -127,6 +128,20 @@ def accepted_keys():
 ACCEPTED = accepted_keys()
 
 
+def with_value(cfg, key: str, value):
+    """A copy of the typed config with the dotted ``key`` set to ``value``."""
+    new = copy.deepcopy(cfg)
+    *path, last = key.split(".")
+    node = new
+    for part in path:
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    if isinstance(node, dict):
+        node[last] = value
+    else:
+        setattr(node, last, value)
+    return new
+
+
 def test_the_list_of_accepted_keys_covers_the_optimizer_schedule_kl_and_ppo_settings():
     keys = {k for k, _ in ACCEPTED}
     for key in ("ppo.optimizer.lr", "ppo.optimizer.betas", "ppo.optimizer.eps",
@@ -138,8 +153,7 @@ def test_the_list_of_accepted_keys_covers_the_optimizer_schedule_kl_and_ppo_sett
 @pytest.mark.parametrize("key, value", ACCEPTED, ids=[k for k, _ in ACCEPTED])
 def test_an_accepted_change_applies_after_the_state_is_loaded(saved, tmp_path, key, value, caplog):
     cfg, run_dir = saved
-    new_cfg = copy.deepcopy(cfg)
-    OmegaConf.update(new_cfg, key, value, merge=False)
+    new_cfg = with_value(cfg, key, value)
     try:
         with caplog.at_level(logging.WARNING):
             trainer, fresh, result = resume(new_cfg, run_dir)

@@ -1,6 +1,6 @@
 """The checkpoint service a training loop talks to at step boundaries.
 
-It ties the pieces together — policy (when), state capture (what), store (how), writer
+It ties the pieces together — cadence (when), state capture (what), store (how), writer
 (in the background), retention (what to keep), identity (may this run resume that) — and
 knows nothing about the trainer: it saves and restores *named stateful parts*, anything with
 ``state_dict()`` / ``load_state_dict()``, plus every RNG and an optional JSON-able
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from so8t.checkpoint.cadence import SaveCadence
 from so8t.checkpoint.errors import CheckpointError, CheckpointingStalledError, OwnershipLostError
 from so8t.checkpoint.identity import DEFAULT_SHAPE_KEYS, compare_identity, describe_differences
-from so8t.checkpoint.policy import SavePolicy
 from so8t.checkpoint.retention import Retention
 from so8t.checkpoint.state import flatten_state, tensor_bytes, unflatten_state
 from so8t.checkpoint.store import (
@@ -42,6 +42,7 @@ from so8t.checkpoint.store import (
     parse_step,
 )
 from so8t.checkpoint.writer import AsyncCheckpointWriter
+from so8t.config.identity import upgrade_identity
 
 __all__ = ["CheckpointService", "ResumeResult", "SavedCheckpoint", "SAVE_REASONS", "SPACE_MARGIN"]
 
@@ -50,9 +51,6 @@ logger = logging.getLogger(__name__)
 SAVE_REASONS = ("time", "step", "signal", "deadline", "end", "manual")
 # Free space wanted before a save, as a multiple of the expected checkpoint size.
 SPACE_MARGIN = 1.1
-# Defaults of the two limits after which failing saves stop the run (see _check_protected).
-MAX_FAILED_SAVES = 5
-MAX_UNPROTECTED = 3.0
 _RESERVED_PARTS = ("rng", "extra")
 
 
@@ -118,7 +116,7 @@ class CheckpointService:
         self.ranks = ranks if ranks is not None else RankParts()
         self.world_size = world_size if world_size is not None else self.ranks.world_size
         self.store = CheckpointStore(self.run_dir / "checkpoints", fence=fence)
-        self.policy = SavePolicy(cfg.policy, cfg.every_seconds, cfg.every_steps, clock=clock)
+        self.cadence = SaveCadence(cfg.cadence, cfg.every_seconds, cfg.every_steps, clock=clock)
         self.retention = Retention(cfg.keep_last, cfg.keep_every_steps)
         self.writer = AsyncCheckpointWriter() if cfg.async_write else None
         self.last_saved: SavedCheckpoint | None = None
@@ -131,8 +129,9 @@ class CheckpointService:
         self.failed_saves = 0
         self.skipped_saves = 0
         self.failures_in_row = 0
-        self.max_failed_saves = int(getattr(cfg, "max_failed_saves", None) or MAX_FAILED_SAVES)
-        self.max_unprotected = float(getattr(cfg, "max_unprotected", None) or MAX_UNPROTECTED)
+        # The two limits after which failing saves stop the run (see _check_protected).
+        self.max_failed_saves = int(cfg.max_failed_saves)
+        self.max_unprotected = float(cfg.max_unprotected)
         self._clock = clock
         self._protected_step = 0  # step and clock of the last commit (or of the start)
         self._protected_time = clock()
@@ -148,7 +147,7 @@ class CheckpointService:
     # ------------------------------------------------------------------ saving
 
     def maybe_save(self, step: int) -> Path | None:
-        """Save if the policy says so, or if the previous save failed. Returns the checkpoint's
+        """Save if the cadence says so, or if the previous save failed. Returns the checkpoint's
         path (for an async write, the path it will have once committed), or ``None`` if nothing
         was saved.
 
@@ -173,7 +172,7 @@ class CheckpointService:
         """Why a save is due at this step boundary (the cadence, or a retry of a failed save),
         or None; a finished background write is accounted for first."""
         self._settle(block=False)
-        return self.policy.due(step) or self._retry_reason
+        return self.cadence.due(step) or self._retry_reason
 
     def save_now(self, step: int, reason: str) -> Path:
         """Save synchronously (final, signal, deadline saves); raise CheckpointError on failure."""
@@ -212,7 +211,7 @@ class CheckpointService:
         # One write in flight: the next save waits here, and the free-space figure below
         # then includes the previous checkpoint.
         self._settle(block=True)
-        self.policy.mark_saved(step)
+        self.cadence.mark_saved(step)
         if not self.ranks.is_writer:  # distributed hook: hand this rank's part to rank 0, which writes
             self.ranks.capture_rng(step)
             path = self.store.root / checkpoint_name(step)
@@ -307,11 +306,11 @@ class CheckpointService:
         why = None
         if self.failures_in_row >= self.max_failed_saves:
             why = f"{self.failures_in_row} saves in a row failed or were skipped (checkpoint.max_failed_saves)"
-        elif self.policy.uses_steps and step - self._protected_step > self.max_unprotected * self.policy.every_steps:
+        elif self.cadence.uses_steps and step - self._protected_step > self.max_unprotected * self.cadence.every_steps:
             why = (f"no checkpoint was committed for {step - self._protected_step} steps, more than "
                    f"{self.max_unprotected:g} x every_steps (checkpoint.max_unprotected)")
-        elif (self.policy.uses_time
-              and self._clock() - self._protected_time > self.max_unprotected * self.policy.every_seconds):
+        elif (self.cadence.uses_time
+              and self._clock() - self._protected_time > self.max_unprotected * self.cadence.every_seconds):
             why = (f"no checkpoint was committed for {self._clock() - self._protected_time:.0f} s, more than "
                    f"{self.max_unprotected:g} x every_seconds (checkpoint.max_unprotected)")
         if why is None:
@@ -433,12 +432,12 @@ class CheckpointService:
                     f"({', '.join(p.name for p in existing)}). Choose another run_name for a fresh run, "
                     "or use resume=auto to continue this one."
                 )
-            self.policy.mark_saved(0)
+            self.cadence.mark_saved(0)
             return None
         if mode_str == "auto":
             found = _find_newest(self.store, cleanup=True)
             if found is None:
-                self.policy.mark_saved(0)
+                self.cadence.mark_saved(0)
                 return None
         else:
             source = str(Path(mode_str).expanduser().resolve())
@@ -488,6 +487,8 @@ class CheckpointService:
         saved_identity = manifest.get("config_identity") or {}
         if not isinstance(saved_identity, dict):  # verify() refuses it; a hand-made call might not
             raise CheckpointError(f"checkpoint {path} has a {MANIFEST_FILE} whose config_identity is not an object")
+        # A checkpoint written before a config key was renamed compares under today's names.
+        saved_identity = upgrade_identity(saved_identity)
         refusal = self.refuse_identity(saved_identity) if self.refuse_identity is not None else None
         if refusal:
             raise CheckpointError(f"cannot resume from {path}: {refusal}")
@@ -535,7 +536,7 @@ class CheckpointService:
             raise CheckpointError(f"cannot restore the RNG state from {path}: {exc!r}") from exc
 
         step = int(manifest["step"])
-        self.policy.mark_saved(step)
+        self.cadence.mark_saved(step)
         self._resumed_size = CheckpointStore(path.parent).size_of(path)
         if path.parent == self.store.root:
             self.newest_verified = SavedCheckpoint(step=step, path=path, reason=str(manifest.get("reason")),

@@ -25,8 +25,10 @@ GROUPS = {
 }
 
 
-def _options(folder: Path) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+def options_of(folder: Path) -> list[str]:
+    """The options a user picks in a group folder; files starting with ``_`` hold keys that
+    several options share (pulled in through their defaults list) and are not options."""
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def help_config(conf_dir: Path, experiments_dir: Path) -> dict:
@@ -34,7 +36,7 @@ def help_config(conf_dir: Path, experiments_dir: Path) -> dict:
     width = max(len(g) for g in GROUPS)
     lines = []
     for group, what in GROUPS.items():
-        options = _options(experiments_dir if group == "experiment" else conf_dir / group)
+        options = options_of(experiments_dir if group == "experiment" else conf_dir / group)
         lines.append(f"  {group:<{width}}  {what}")
         lines.append(f"  {'':<{width}}  options: {', '.join(options)}")
     groups = "\n".join(lines)

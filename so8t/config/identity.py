@@ -66,10 +66,38 @@ def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_identity(cfg: Any) -> dict[str, Any]:
-    """Flat ``{"dotted.key": value}`` of every result-shaping key of a composed config."""
-    from omegaconf import OmegaConf
+    """Flat ``{"dotted.key": value}`` of every result-shaping key of a config (a TrainConfig, a
+    composed DictConfig or its record, see so8t.config.typed)."""
+    from so8t.config.typed import config_record
 
-    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    container = cfg if isinstance(cfg, Mapping) else config_record(cfg)
     if not isinstance(container, Mapping):
         raise TypeError("config_identity expects a mapping config")
     return {k: v for k, v in flatten(container).items() if not is_neutral(k)}
+
+
+# Config keys renamed since run folders were first written: old dotted key -> new one. What a
+# run recorded (checkpoint manifests, session.json, final/policy.json, export folders) is read
+# through upgrade_identity or upgrade_section, so a folder written under the old names still
+# resumes, completes and loads. None of these keys changes a value's meaning.
+RENAMED_KEYS = {
+    "model.source": "model.kind",
+    "data.source": "data.kind",
+    "checkpoint.policy": "checkpoint.cadence",
+}
+
+
+def upgrade_identity(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded flat ``{"dotted.key": value}`` identity under today's key names."""
+    upgraded = dict(flat)
+    for old, new in RENAMED_KEYS.items():
+        if old in upgraded and new not in upgraded:
+            upgraded[new] = upgraded.pop(old)
+    return upgraded
+
+
+def upgrade_section(group: str, section: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded config section (``{"source": "tiny", ...}`` of group ``model``) under today's key names."""
+    prefix = f"{group}."
+    return {key[len(prefix):]: value for key, value in
+            upgrade_identity({prefix + key: value for key, value in section.items()}).items()}

@@ -2,15 +2,34 @@
 
 ``metrics.jsonl`` (the ``jsonl`` backend) is always written: resume, ``so8t-compare`` and the
 sweep objective read it. The other backends are optional extras, imported only when listed in
-``logger.backends`` (see so8t.run.trackers).
+``logger.backends`` (see so8t.run.trackers). Values live in conf/logger/default.yaml (see the
+rule in so8t.config.schema).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
-TRACKER_BACKENDS = ("jsonl", "tensorboard", "wandb", "mlflow")
+from omegaconf import MISSING
+
+from so8t.config.choice import Choice
+
+
+class TrackerBackend(Choice):
+    jsonl = "jsonl"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+TRACKER_BACKENDS = tuple(backend.value for backend in TrackerBackend)
 # The package each backend imports, and the extra that installs it.
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -18,31 +37,31 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "m
 @dataclass
 class TensorBoardConfig:
     # Event files' folder, relative to the run dir.
-    log_dir: str = "tensorboard"
+    log_dir: str = MISSING
 
 
 @dataclass
 class WandbConfig:
-    project: str = "so8t"
-    entity: Optional[str] = None
+    project: str = MISSING
+    entity: Optional[str] = MISSING
     # null: the sweep folder's name for sweep jobs, none for single runs.
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    # online | offline | disabled; null: W&B's own choice (WANDB_MODE, else online).
-    mode: Optional[str] = None
+    group: Optional[str] = MISSING
+    tags: List[str] = MISSING
+    # null: W&B's own choice (WANDB_MODE, else online).
+    mode: Optional[WandbMode] = MISSING
 
 
 @dataclass
 class MlflowConfig:
     # null: MLflow's own choice (MLFLOW_TRACKING_URI, else ./mlflow.db).
-    tracking_uri: Optional[str] = None
+    tracking_uri: Optional[str] = MISSING
     # null: the run's experiment_name.
-    experiment_name: Optional[str] = None
+    experiment_name: Optional[str] = MISSING
 
 
 @dataclass
 class LoggerConfig:
-    backends: List[str] = field(default_factory=lambda: ["jsonl"])
-    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    backends: List[TrackerBackend] = MISSING
+    tensorboard: TensorBoardConfig = MISSING
+    wandb: WandbConfig = MISSING
+    mlflow: MlflowConfig = MISSING

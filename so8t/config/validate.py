@@ -1,22 +1,33 @@
-"""Semantic checks of a composed config, run before any model is built.
+"""Checks of a composed config, run before any model is built; ``validate`` returns it typed.
 
-Hydra and the dataclass schema already reject unknown keys and wrong types; this module
-rejects well-typed values that make no sense (a temperature <= 0, batch sizes that do not
-divide ...). Every message names the key. What only the domain code can judge (a reward
-term's function and options, the optimizer class and its arguments, the LR schedule) is checked
-by ``so8t.build.check_config``, which so8t-train runs right after, before any model is loaded.
+Hydra and the dataclass schema already reject unknown keys, wrong types and values outside a
+choice while composing. What is left is checked here, every message naming the key:
+
+* keys added with ``+key=value`` (they bypass Hydra's struct check) and the per-kind shape of
+  ``adapter`` and ``data`` (typed ``Any`` at the top level);
+* ranges: one generic check (:func:`out_of_range`) of the ranges recorded beside each field
+  in so8t.config.schema;
+* what relates several keys (batch sizes that must divide, a sigmoid gate that needs steps,
+  a path that a model kind needs ...) and a few formats (a device name, stop strings).
+
+What only the domain code can judge is checked there, still before any model is loaded: a reward
+term's function and options by so8t.rewards (so8t-train calls it right after this), the
+optimizer class, its arguments and the LR schedule when the run is built (so8t.build).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import typing
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from so8t.config import schema
-from so8t.config.schema import ADAPTER_SCHEMAS, DATA_SCHEMAS
+from so8t.config.schema import ADAPTER_SCHEMAS, DATA_SCHEMAS, TrainConfig
 
 
 class ConfigValidationError(ValueError):
@@ -36,11 +47,11 @@ def _unknown_keys(node: Any, expected: Any, prefix: str = "") -> list[str]:
     return unknown
 
 
-def _check_kind_schema(node: Any, group: str, kind_key: str, schemas: dict, problems: list[str]) -> None:
+def _check_kind_schema(node: Any, group: str, schemas: dict, problems: list[str]) -> None:
     """Re-check a group typed ``Any`` in the top-level schema against its option's dataclass."""
-    kind = node.get(kind_key) if isinstance(node, DictConfig) else None
+    kind = node.get("kind") if isinstance(node, DictConfig) else None
     if kind not in schemas:
-        problems.append(f"{group}.{kind_key}={kind!r} is not one of {sorted(schemas)}")
+        problems.append(f"{group}.kind={kind!r} is not one of {sorted(schemas)}")
         return
     expected = OmegaConf.structured(schemas[kind])
     for key in _unknown_keys(node, expected):
@@ -50,6 +61,24 @@ def _check_kind_schema(node: Any, group: str, kind_key: str, schemas: dict, prob
     except Exception as exc:  # omegaconf raises several error types; all mean a bad key or type
         msg = str(exc).splitlines()[0]
         problems.append(f"{group}: {msg} (full key: {group}.{getattr(exc, 'full_key', '?')})")
+
+
+def out_of_range(config: Any, prefix: str = "") -> list[str]:
+    """Every field of a typed config whose value lies outside the range its schema records
+    (``ranged(...)`` in so8t.config.schema); null is accepted wherever the field allows it."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            problems.extend(out_of_range(value, f"{prefix}{f.name}."))
+            continue
+        valid = f.metadata.get("range")
+        if valid is not None and value is not None and not valid.contains(value):
+            problems.append(f"{prefix}{f.name}={value} must be {valid.describe()}")
+    return problems
+
+
+# --------------------------------------------------------------------------- the optimizer
 
 
 def _positive(cfg: DictConfig, key: str, problems: list[str], allow_zero: bool = False) -> None:
@@ -62,160 +91,119 @@ def _positive(cfg: DictConfig, key: str, problems: list[str], allow_zero: bool =
         problems.append(f"{key}={value} must be {need}")
 
 
-def _in_unit_interval(cfg: DictConfig, key: str, problems: list[str]) -> None:
-    value = OmegaConf.select(cfg, key)
-    if not 0.0 <= value <= 1.0:
-        problems.append(f"{key}={value} must be in [0, 1]")
-
-
-def _one_of(cfg: DictConfig, key: str, choices: tuple, problems: list[str]) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value not in choices:
-        problems.append(f"{key}={value!r} must be one of {list(choices)}")
-
-
-def _check_ppo(cfg: DictConfig, problems: list[str]) -> None:
-    for key in ("ppo.rollout_batch_size", "ppo.mini_batch_size", "ppo.ppo_epochs", "ppo.max_new_tokens",
-                "ppo.temperature", "ppo.clip_range", "ppo.clip_range_value", "ppo.max_grad_norm",
-                "ppo.kl.horizon"):
-        _positive(cfg, key, problems)
-    for key in ("ppo.vf_coef", "ppo.ent_coef", "ppo.missing_eos_penalty", "ppo.kl.init_coef",
-                "ppo.kl.target"):
-        _positive(cfg, key, problems, allow_zero=True)
-    _in_unit_interval(cfg, "ppo.gamma", problems)
-    _in_unit_interval(cfg, "ppo.lam", problems)
-    _one_of(cfg, "ppo.kl.kind", ("fixed", "adaptive"), problems)
-    for i, token_id in enumerate(cfg.ppo.stop_token_ids):
-        if token_id < 0:
-            problems.append(f"ppo.stop_token_ids[{i}]={token_id} must be a token id >= 0")
-    for i, text in enumerate(cfg.ppo.stop_strings):
-        if not text:
-            problems.append(f"ppo.stop_strings[{i}] is empty; an empty stop string would end every response at once")
-    rollout, mini = cfg.ppo.rollout_batch_size, cfg.ppo.mini_batch_size
-    if rollout > 0 and mini > 0 and rollout % mini:
-        problems.append(f"ppo.mini_batch_size={mini} must divide ppo.rollout_batch_size={rollout}")
-    micro = cfg.hardware.micro_batch_size
-    if micro is not None:
-        if micro <= 0:
-            problems.append(f"hardware.micro_batch_size={micro} must be > 0")
-        elif mini > 0 and mini % micro:
-            problems.append(f"hardware.micro_batch_size={micro} must divide ppo.mini_batch_size={mini}")
-
-
-def _check_adapter(cfg: DictConfig, problems: list[str]) -> None:
-    adapter = cfg.adapter
-    _check_kind_schema(adapter, "adapter", "kind", ADAPTER_SCHEMAS, problems)
-    if adapter.get("kind") == "so8":
-        _one_of(cfg, "adapter.gate.kind", ("constant", "sigmoid"), problems)
-        _positive(cfg, "adapter.init_std", problems, allow_zero=True)
-        _positive(cfg, "adapter.gate.steps", problems, allow_zero=True)
-        if adapter.gate.kind == "sigmoid" and adapter.gate.steps <= 0:
-            problems.append("adapter.gate.steps must be > 0 for a sigmoid gate schedule")
-    elif adapter.get("kind") == "lora":
-        _positive(cfg, "adapter.r", problems)
-        _positive(cfg, "adapter.alpha", problems)
-        dropout = adapter.dropout
-        if not 0.0 <= dropout < 1.0:
-            problems.append(f"adapter.dropout={dropout} must be in [0, 1)")
-        if not adapter.target_modules:
-            problems.append("adapter.target_modules must name at least one module")
-
-
-def _check_data(cfg: DictConfig, problems: list[str]) -> None:
-    _check_kind_schema(cfg.data, "data", "source", DATA_SCHEMAS, problems)
-    if cfg.data.get("source") in DATA_SCHEMAS:
-        _positive(cfg, "data.max_prompt_tokens", problems)
-    if cfg.data.get("source") == "arithmetic":
-        _positive(cfg, "data.num_prompts", problems)
-        _positive(cfg, "data.min_operand", problems, allow_zero=True)
-        if cfg.data.max_operand < cfg.data.min_operand:
-            problems.append(f"data.max_operand={cfg.data.max_operand} must be >= "
-                            f"data.min_operand={cfg.data.min_operand}")
-    elif cfg.data.get("source") == "jsonl":
-        if OmegaConf.is_missing(cfg.data, "path"):
-            problems.append("data.path must be set for data=jsonl (data.path=/path/to/prompts.jsonl)")
-
-
-def _check_model(cfg: DictConfig, problems: list[str]) -> None:
-    _one_of(cfg, "model.source", ("tiny", "hub", "local"), problems)
-    _one_of(cfg, "model.quantization", ("none", "nf4", "int8"), problems)
-    if not re.fullmatch(r"[A-Za-z0-9_./\-]+", str(cfg.model.attn_implementation)):
-        problems.append(f"model.attn_implementation={cfg.model.attn_implementation!r} must name an attention "
-                        "implementation of transformers (sdpa, eager, flash_attention_2 ...)")
-    if cfg.model.source in ("hub", "local") and (OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path):
-        problems.append(f"model.path must be set for model.source={cfg.model.source}")
-
-
-def _check_hardware(cfg: DictConfig, problems: list[str]) -> None:
-    device = cfg.hardware.device
-    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(device)):
-        problems.append(f"hardware.device={device!r} must be cpu, cuda, cuda:N or auto")
-    _one_of(cfg, "hardware.dtype", ("float32", "bfloat16", "float16"), problems)
-    if cfg.hardware.num_threads is not None:
-        _positive(cfg, "hardware.num_threads", problems)
-    _positive(cfg, "hardware.memory_budget_gb", problems)
-    _one_of(cfg, "hardware.memory_check", ("error", "warn", "off"), problems)
-    _positive(cfg, "hardware.rollout_micro_batch_size", problems)
-    _one_of(cfg, "hardware.distributed_backend", ("auto", "nccl", "gloo"), problems)
-    _positive(cfg, "hardware.collective_timeout_s", problems)
-
-
-def _check_checkpoint(cfg: DictConfig, problems: list[str]) -> None:
-    _one_of(cfg, "checkpoint.policy", ("time", "step", "both"), problems)
-    _positive(cfg, "checkpoint.every_seconds", problems)
-    _positive(cfg, "checkpoint.every_steps", problems)
-    _positive(cfg, "checkpoint.keep_last", problems)
-    _positive(cfg, "checkpoint.keep_every_steps", problems)
-    _positive(cfg, "checkpoint.max_failed_saves", problems)
-    _positive(cfg, "checkpoint.max_unprotected", problems)
-
-
 def _check_reward(cfg: DictConfig, problems: list[str]) -> None:
-    # The terms themselves (their functions and options) are checked by so8t.rewards, which
-    # so8t.build.check_config runs after this, still before any model is loaded.
+    # The terms themselves (their functions and options) are checked by so8t.rewards.
     _positive(cfg, "reward.clip", problems)
 
 
-def _check_logger(cfg: DictConfig, problems: list[str]) -> None:
-    """Known tracker backends whose package is installed: a missing one fails in seconds,
-    before any model is loaded, with the command that installs it."""
-    import importlib.util
-
-    from so8t.config.logger_schema import TRACKER_BACKENDS, TRACKER_PACKAGES
-
-    for backend in cfg.logger.backends:
-        if backend not in TRACKER_BACKENDS:
-            problems.append(f"logger.backends: {backend!r} is not one of {list(TRACKER_BACKENDS)}")
-        elif backend in TRACKER_PACKAGES and importlib.util.find_spec(TRACKER_PACKAGES[backend]) is None:
-            problems.append(f"logger.backends lists {backend!r}, but the {TRACKER_PACKAGES[backend]} package is "
-                            f"not installed: pip install \"so8t[{backend}]\"")
-    _one_of(cfg, "logger.wandb.mode", (None, "online", "offline", "disabled"), problems)
+# --------------------------------------------------------------------------- the composed config
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigValidationError listing every problem found, each naming its key."""
-    problems: list[str] = []
+def _skeleton(cls: type) -> Any:
+    """An instance of a schema dataclass whose nested dataclass fields are instances too, so
+    that every known key shows (a field's values stay MISSING)."""
+    hints = typing.get_type_hints(cls)
+    nested = {f.name: _skeleton(hints[f.name]) for f in dataclasses.fields(cls)
+              if dataclasses.is_dataclass(hints[f.name])}
+    return cls(**nested)
+
+
+def _check_composed(cfg: DictConfig, problems: list[str]) -> None:
+    """What must hold before the config can be typed: known keys, per-kind shapes, set values."""
     # `+key=value` overrides bypass Hydra's struct check, so unknown keys are looked for here too.
-    top = OmegaConf.structured(schema.TrainConfig(
-        model=schema.ModelConfig(), ppo=schema.PPOConfig(), reward=schema.RewardConfig(),
-        checkpoint=schema.CheckpointConfig(), hardware=schema.HardwareConfig(), output=schema.OutputConfig(),
-        logger=schema.LoggerConfig(), paths=schema.PathsConfig(),
-    ))
-    for key in _unknown_keys(cfg, top):
+    for key in _unknown_keys(cfg, OmegaConf.structured(_skeleton(TrainConfig))):
         if key.split(".", 1)[0] not in ("adapter", "data", "hydra", "preflight"):
             problems.append(f"{key} is not a known config key")
     if "preflight" in cfg and not isinstance(cfg.preflight, bool):
         problems.append(f"preflight={cfg.preflight!r} must be true or false (+preflight=true prints the memory "
                         "estimate and exits)")
-    _positive(cfg, "max_steps", problems)
-    _positive(cfg, "max_wall_seconds", problems)
-    if not str(cfg.run_name).strip():
-        problems.append("run_name must not be empty")
-    for check in (_check_model, _check_adapter, _check_ppo, _check_reward, _check_data,
-                  _check_hardware, _check_checkpoint):
-        check(cfg, problems)
-    _positive(cfg, "output.samples_every", problems, allow_zero=True)
-    _positive(cfg, "output.samples_per_step", problems, allow_zero=True)
-    _check_logger(cfg, problems)
+    _check_kind_schema(cfg.adapter, "adapter", ADAPTER_SCHEMAS, problems)
+    _check_kind_schema(cfg.data, "data", DATA_SCHEMAS, problems)
+    if cfg.data.get("kind") == "jsonl" and OmegaConf.is_missing(cfg.data, "path"):
+        problems.append("data.path must be set for data=jsonl (data.path=/path/to/prompts.jsonl)")
+    if cfg.model.kind in ("hub", "local") and (OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path):
+        problems.append(f"model.path must be set for model.kind={cfg.model.kind}")
+    _check_reward(cfg, problems)
+
+
+# --------------------------------------------------------------------------- the typed config
+
+
+def _check_ppo(config: TrainConfig, problems: list[str]) -> None:
+    ppo = config.ppo
+    for i, token_id in enumerate(ppo.stop_token_ids):
+        if token_id < 0:
+            problems.append(f"ppo.stop_token_ids[{i}]={token_id} must be a token id >= 0")
+    for i, text in enumerate(ppo.stop_strings):
+        if not text:
+            problems.append(f"ppo.stop_strings[{i}] is empty; an empty stop string would end every response at once")
+    rollout, mini = ppo.rollout_batch_size, ppo.mini_batch_size
+    if rollout > 0 and mini > 0 and rollout % mini:
+        problems.append(f"ppo.mini_batch_size={mini} must divide ppo.rollout_batch_size={rollout}")
+    micro = config.hardware.micro_batch_size
+    if micro is not None and micro > 0 and mini > 0 and mini % micro:
+        problems.append(f"hardware.micro_batch_size={micro} must divide ppo.mini_batch_size={mini}")
+
+
+def _check_adapter(config: TrainConfig, problems: list[str]) -> None:
+    adapter = config.adapter
+    if isinstance(adapter, schema.So8AdapterConfig):
+        if adapter.gate.kind == schema.GateKind.sigmoid and adapter.gate.steps <= 0:
+            problems.append("adapter.gate.steps must be > 0 for a sigmoid gate schedule")
+    elif not adapter.target_modules:
+        problems.append("adapter.target_modules must name at least one module")
+
+
+def _check_data(config: TrainConfig, problems: list[str]) -> None:
+    data = config.data
+    if isinstance(data, schema.ArithmeticDataConfig) and data.max_operand < data.min_operand:
+        problems.append(f"data.max_operand={data.max_operand} must be >= data.min_operand={data.min_operand}")
+
+
+def _check_model(config: TrainConfig, problems: list[str]) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_./\-]+", config.model.attn_implementation):
+        problems.append(f"model.attn_implementation={config.model.attn_implementation!r} must name an attention "
+                        "implementation of transformers (sdpa, eager, flash_attention_2 ...)")
+
+
+def _check_hardware(config: TrainConfig, problems: list[str]) -> None:
+    device = config.hardware.device
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        problems.append(f"hardware.device={device!r} must be cpu, cuda, cuda:N or auto")
+
+
+def _check_logger(config: TrainConfig, problems: list[str]) -> None:
+    """Tracker backends whose package is installed: a missing one fails in seconds, before any
+    model is loaded, with the command that installs it."""
+    import importlib.util
+
+    from so8t.config.logger_schema import TRACKER_PACKAGES
+
+    for backend in config.logger.backends:
+        package = TRACKER_PACKAGES.get(backend)
+        if package is not None and importlib.util.find_spec(package) is None:
+            problems.append(f"logger.backends lists {backend!r}, but the {package} package is "
+                            f"not installed: pip install \"so8t[{backend}]\"")
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """The composed config, checked and typed (see so8t.config.typed); raises
+    ConfigValidationError listing every problem found, each naming its key."""
+    from so8t.config.typed import to_train_config
+
+    problems: list[str] = []
+    _check_composed(cfg, problems)
     if problems:
         raise ConfigValidationError(problems)
+    try:
+        config = to_train_config(cfg)
+    except MissingMandatoryValue as exc:  # a user's own option file that leaves a key out
+        raise ConfigValidationError([f"{exc.full_key} is not set"]) from None
+    problems.extend(out_of_range(config))
+    if not config.run_name.strip():
+        problems.append("run_name must not be empty")
+    for check in (_check_model, _check_adapter, _check_ppo, _check_data, _check_hardware, _check_logger):
+        check(config, problems)
+    if problems:
+        raise ConfigValidationError(problems)
+    return config

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from so8t.config.schema import ArithmeticDataConfig, JsonlDataConfig
+
 log = logging.getLogger(__name__)
 
-SOURCES = ("arithmetic", "jsonl")
 ROLES = ("system", "user", "assistant")
 
 
@@ -53,32 +54,17 @@ class Prompt:
         return None if self.messages is None else [dict(m) for m in self.messages]
 
 
-def _setting(node: Any, key: str, default: Any = None) -> Any:
-    # Configs arrive as OmegaConf nodes or schema dataclasses (attribute access) or, from
-    # code and tests, as plain dicts.
-    if isinstance(node, dict):
-        return node.get(key, default)
-    return getattr(node, key, default)
-
-
-def build_prompts(data_cfg: Any, tokenizer: Any = None) -> list[Prompt]:
-    """Build the prompt list described by ``data_cfg`` (see ``so8t.config.schema``)."""
-    source = _setting(data_cfg, "source")
-    if source not in SOURCES:
-        raise ValueError(f"data.source: unknown prompt source {source!r} (choose from {', '.join(SOURCES)})")
-    use_template = _use_chat_template(_setting(data_cfg, "chat_template"), tokenizer)
-    renderer = _Renderer(tokenizer, use_template, _setting(data_cfg, "max_prompt_tokens"))
-    system_prompt = _setting(data_cfg, "system_prompt")
-    instruction = _setting(data_cfg, "instruction")
-    if source == "arithmetic":
-        rows = arithmetic_questions(data_cfg)
-    else:
-        rows = jsonl_rows(data_cfg)
+def build_prompts(data_cfg: ArithmeticDataConfig | JsonlDataConfig, tokenizer: Any = None) -> list[Prompt]:
+    """Build the prompt list described by ``data_cfg`` (a validated config's ``data``; for one
+    group alone, ``so8t.config.typed.option_config("data", "arithmetic", ...)``)."""
+    use_template = _use_chat_template(data_cfg.chat_template, tokenizer)
+    renderer = _Renderer(tokenizer, use_template, data_cfg.max_prompt_tokens)
+    rows = arithmetic_questions(data_cfg) if data_cfg.kind == "arithmetic" else jsonl_rows(data_cfg)
     prompts = []
     for where, messages, reference in rows:
-        messages = _with_defaults(messages, system_prompt, instruction)
+        messages = _with_defaults(messages, data_cfg.system_prompt, data_cfg.instruction)
         prompts.append(renderer.render(messages, reference, where))
-    log.info("data: %d prompts from source %r (%s)", len(prompts), source,
+    log.info("data: %d prompts from source %r (%s)", len(prompts), str(data_cfg.kind),
              "chat template" if use_template else "plain text")
     return prompts
 
@@ -143,23 +129,14 @@ class _Renderer:
 # --------------------------------------------------------------------------- arithmetic
 
 
-def arithmetic_questions(data_cfg: Any) -> list[tuple[str, list[dict[str, str]], str]]:
+def arithmetic_questions(data_cfg: ArithmeticDataConfig) -> list[tuple[str, list[dict[str, str]], str]]:
     """``num_prompts`` distinct questions ``"a+b="`` with reference ``str(a + b)``.
 
     Pairs are ordered, so ``3+4=`` and ``4+3=`` are different prompts. When ``num_prompts``
     is at least the number of pairs, every pair is used once, in a seeded shuffled order.
+    The operands' range was checked with the config (so8t.config.validate).
     """
-    low = _setting(data_cfg, "min_operand", 0)
-    high = _setting(data_cfg, "max_operand", 9)
-    num_prompts = _setting(data_cfg, "num_prompts", 100)
-    seed = _setting(data_cfg, "seed", 0)
-    if low < 0:
-        # "3+-2=" is not a question anyone means, and the tiny tokenizer has no minus sign.
-        raise ValueError(f"data.min_operand must be >= 0, got {low}")
-    if high < low:
-        raise ValueError(f"data.max_operand ({high}) must be >= data.min_operand ({low})")
-    if num_prompts < 1:
-        raise ValueError(f"data.num_prompts must be >= 1, got {num_prompts}")
+    low, high, num_prompts, seed = data_cfg.min_operand, data_cfg.max_operand, data_cfg.num_prompts, data_cfg.seed
 
     width = high - low + 1
     num_pairs = width * width
@@ -180,21 +157,18 @@ def arithmetic_questions(data_cfg: Any) -> list[tuple[str, list[dict[str, str]],
 # --------------------------------------------------------------------------- jsonl
 
 
-def jsonl_rows(data_cfg: Any) -> list[tuple[str, list[dict[str, str]], str | None]]:
+def jsonl_rows(data_cfg: JsonlDataConfig) -> list[tuple[str, list[dict[str, str]], str | None]]:
     """Read prompts from a UTF-8 JSON-lines file, one object per line (blank lines skipped).
 
     A row holds either chat messages (``data.messages_field``, a list of ``{role, content}``
     as HF chat datasets store it, ending with a user turn) or a prompt text
     (``data.prompt_field``, with an optional system text in ``data.system_field``).
     """
-    path_value = _setting(data_cfg, "path")
-    if not path_value:
+    if not data_cfg.path:
         raise ValueError("data.path: set the path of the JSON-lines prompt file")
-    path = Path(str(path_value)).expanduser()
-    prompt_field = _setting(data_cfg, "prompt_field", "prompt")
-    messages_field = _setting(data_cfg, "messages_field", "messages")
-    reference_field = _setting(data_cfg, "reference_field")
-    system_field = _setting(data_cfg, "system_field")
+    path = Path(data_cfg.path).expanduser()
+    prompt_field, messages_field = data_cfg.prompt_field, data_cfg.messages_field
+    reference_field, system_field = data_cfg.reference_field, data_cfg.system_field
     if not path.is_file():
         raise FileNotFoundError(f"data.path: prompt file not found: {path}")
 

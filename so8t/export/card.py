@@ -35,7 +35,7 @@ def base_model_name(model_cfg: dict) -> str:
     """The base model as a loader would name it (the tiny model's shipped folder for ``tiny``)."""
     from so8t.model.tiny import TINY_DIR
 
-    if model_cfg.get("source") == "tiny":
+    if model_cfg.get("kind") == "tiny":
         return str(TINY_DIR)
     return str(model_cfg.get("path"))
 
@@ -103,7 +103,7 @@ def render_card(trained, facts: CardFacts, out_name: str) -> str:
         "---",
         f"library_name: {library}",
         # The hub reads base_model as a hub id: only name it when the run loaded one.
-        *([f"base_model: {facts.base_model}"] if trained.model_cfg.get("source") == "hub" else []),
+        *([f"base_model: {facts.base_model}"] if trained.model_cfg.get("kind") == "hub" else []),
         f"tags: [so8t, ppo, {'so8-rotation' if adapter.get('kind') == 'so8' else 'lora'}]",
         "---",
         "",

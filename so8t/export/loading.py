@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from so8t.config.identity import upgrade_section
 from so8t.export.errors import ExportError
 from so8t.export.source import EXPORT_META_FILE
 
@@ -41,7 +42,8 @@ def load_export(path: str | Path, device: str = "cpu", dtype: str = "float32"):
         from so8t.model.loading import load_base_model
         from so8t.model.lora import LoraAdapters
 
-        base, _ = load_base_model(OmegaConf.create(meta["model"]), dtype=torch_dtype, device=torch_device)
+        model_cfg = OmegaConf.create(upgrade_section("model", meta["model"]))  # older key names too
+        base, _ = load_base_model(model_cfg, dtype=torch_dtype, device=torch_device)
         adapter = LoraAdapters(PeftModel.from_pretrained(base, str(path)).to(torch_device))
         model = adapter.model
     else:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from so8t.config.identity import upgrade_identity, upgrade_section
 from so8t.export.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def _from_final(folder: Path, device: str) -> TrainedPolicy:
     step = meta.get("step")
     _warn_if_checkpoints_are_newer(folder, step)
     return TrainedPolicy(
-        policy=loaded.policy, tokenizer=loaded.tokenizer, model_cfg=meta["model"], adapter_cfg=meta["adapter"],
+        policy=loaded.policy, tokenizer=loaded.tokenizer, model_cfg=upgrade_section("model", meta["model"]),
+        adapter_cfg=meta["adapter"],
         gate=meta.get("gate"), step=step if isinstance(step, int) else None, source=folder,
         source_kind="final", run_dir=folder.parent if folder.name == FINAL_DIR else None,
         stop_ids=list(loaded.stop_ids), prompting=dict(loaded.prompting),
@@ -135,6 +137,8 @@ def _from_checkpoint(folder: Path, device: str) -> TrainedPolicy:
     except (CheckpointError, KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"checkpoint {folder} does not hold a SO8T training state: {exc!r}") from exc
     identity = manifest.get("config_identity")
+    if isinstance(identity, dict):
+        identity = upgrade_identity(identity)
     model_cfg, adapter_cfg = _section(identity, "model"), _section(identity, "adapter")
     if not model_cfg or not adapter_cfg:
         raise ExportError(f"checkpoint {folder}: its manifest has no model/adapter config identity")

@@ -33,8 +33,8 @@ def model_folder(model_cfg: Any) -> tuple[Path, str | None]:
     """The folder the base model is loaded from, and its hub revision if it came from the cache."""
     from so8t.model.tiny import TINY_DIR
 
-    source, path = model_cfg.source, getattr(model_cfg, "path", None)
-    if source == "tiny":
+    kind, path = model_cfg.kind, getattr(model_cfg, "path", None)
+    if kind == "tiny":
         return TINY_DIR, None
     folder = Path(str(path)).expanduser()
     if folder.is_dir():

@@ -20,9 +20,11 @@ import logging
 import math
 from typing import Any
 
+from so8t.config.schema import GateKind
+
 logger = logging.getLogger(__name__)
 
-KINDS = ("constant", "sigmoid")
+KINDS = tuple(kind.value for kind in GateKind)
 
 
 class GateSchedule:
@@ -46,17 +48,6 @@ class GateSchedule:
         self.steps = int(steps)
         self.steepness = float(steepness)
         self.last_step: int | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "GateSchedule":
-        """Build from a config node with attributes kind/start/target/steps/steepness."""
-        return cls(
-            kind=cfg.kind,
-            start=cfg.start,
-            target=cfg.target,
-            steps=cfg.steps,
-            steepness=getattr(cfg, "steepness", 10.0),
-        )
 
     def _logistic(self, x: float) -> float:
         return 1.0 / (1.0 + math.exp(-self.steepness * (x - 0.5)))

@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from so8t.config.schema import ModelKind
 from so8t.errors import ModelNotAvailableError
 from so8t.model.quantization import check_quantization, quantization_config
 from so8t.model.tiny import PAD, TINY_DIR
@@ -39,7 +40,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("tiny", "hub", "local")
+KINDS = tuple(kind.value for kind in ModelKind)
 
 
 def load_base_model(
@@ -49,10 +50,10 @@ def load_base_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` as described by ``model_cfg`` (see module docstring).
 
-    ``model_cfg`` needs attributes ``source``, ``path``, ``local_files_only`` and
+    ``model_cfg`` needs attributes ``kind``, ``path``, ``local_files_only`` and
     ``trust_remote_code`` (an OmegaConf node or the schema dataclass).
     """
-    source = model_cfg.source
+    kind = model_cfg.kind
     path = getattr(model_cfg, "path", None)
     trust_remote_code = bool(getattr(model_cfg, "trust_remote_code", False))
     quantization = str(getattr(model_cfg, "quantization", "none"))
@@ -61,18 +62,18 @@ def load_base_model(
     placement = dict(device=device, attn_implementation=str(getattr(model_cfg, "attn_implementation", "sdpa")),
                      quantization_config=quantization_config(quantization, dtype))
 
-    if source == "tiny":
+    if kind == "tiny":
         model, tokenizer = _from_pretrained(TINY_DIR, dtype, True, False, **placement)
         where = "embedded tiny model"
-    elif source == "local" or (source == "hub" and path and Path(str(path)).expanduser().is_dir()):
+    elif kind == "local" or (kind == "hub" and path and Path(str(path)).expanduser().is_dir()):
         folder = _check_local_folder(path)
         model, tokenizer = _from_folder(folder, dtype, trust_remote_code, **placement)
         where = f"local folder {folder}"
-    elif source == "hub":
+    elif kind == "hub":
         local_files_only = bool(getattr(model_cfg, "local_files_only", True))
         if not path:
             raise ModelNotAvailableError(
-                "model.source=hub needs a hub id: set model.path=<org/name>"
+                "model.kind=hub needs a hub id: set model.path=<org/name>"
             )
         try:
             model, tokenizer = _from_pretrained(
@@ -82,7 +83,7 @@ def load_base_model(
             raise ModelNotAvailableError(_hub_message(path, local_files_only, err)) from err
         where = f"hub model {path}"
     else:
-        raise ValueError(f"model.source={source!r} is not one of {', '.join(SOURCES)}")
+        raise ValueError(f"model.kind={str(kind)!r} is not one of {', '.join(KINDS)}")
 
     _ensure_distinct_pad(model, tokenizer)
     tokenizer.padding_side = "left"  # queries must end where the response starts
@@ -172,7 +173,7 @@ def _check_vocabulary_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenize
 def _check_local_folder(path: str | None) -> Path:
     if not path:
         raise ModelNotAvailableError(
-            "model.source=local needs a folder: set model.path=/folder/with/the/model"
+            "model.kind=local needs a folder: set model.path=/folder/with/the/model"
         )
     folder = Path(path).expanduser()
     if not folder.is_dir():

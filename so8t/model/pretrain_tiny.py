@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import Phi3ForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from so8t.config.schema import ArithmeticDataConfig
+from so8t.config.typed import option_config
 from so8t.data.prompts import Prompt, build_prompts
 from so8t.model.policy import positions_from_mask
 from so8t.model.tiny import (
@@ -56,7 +56,8 @@ def chat_prompts(tokenizer: PreTrainedTokenizerBase, max_operand: int) -> list[P
     """Every ``a+b=`` with 0 <= a, b <= max_operand, as the default run renders it: the
     chat template around the default system prompt, instruction and question."""
     width = max_operand + 1
-    data = ArithmeticDataConfig(min_operand=0, max_operand=max_operand, num_prompts=width * width, seed=0)
+    data = option_config("data", "arithmetic", min_operand=0, max_operand=max_operand, num_prompts=width * width,
+                         seed=0)
     prompts = build_prompts(data, tokenizer)
     return sorted(prompts, key=lambda p: _operands(p))
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from so8t.config.schema import Quantization
 from so8t.errors import SetupError
 
-KINDS = ("none", "nf4", "int8")
+KINDS = tuple(kind.value for kind in Quantization)
 
 
 def check_quantization(kind: str, device: Any) -> None:

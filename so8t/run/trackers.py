@@ -79,8 +79,8 @@ class _Wandb:
 
     def __init__(self, cfg, run_dir: Path, session):
         import wandb
-        from omegaconf import OmegaConf
 
+        from so8t.config.typed import config_record
         from so8t.run.wandb_log import last_step
 
         ids = session.data.setdefault("trackers", {}).setdefault("wandb", {})
@@ -96,7 +96,7 @@ class _Wandb:
         self.run = wandb.init(
             project=settings.project, entity=settings.entity, group=group, tags=list(settings.tags),
             name=str(cfg.run_name), id=ids["id"], resume="allow", dir=str(run_dir), mode=settings.mode,
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=config_record(cfg),
             # so8t's own console and train.log stay as they are.
             settings=wandb.Settings(console="off", quiet=True),
         )
@@ -147,9 +147,9 @@ class _Mlflow:
 
     def _create(self, cfg, experiment_name: str, run_dir: Path) -> str:
         from mlflow.exceptions import MlflowException
-        from omegaconf import OmegaConf
 
         from so8t.config.identity import flatten
+        from so8t.config.typed import config_record
 
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is not None:
@@ -165,7 +165,7 @@ class _Mlflow:
         # one later, and a resume may change result-neutral keys such as max_steps.
         from mlflow.entities import Param
 
-        params = [Param(k, str(v)[:500]) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+        params = [Param(k, str(v)[:500]) for k, v in flatten(config_record(cfg)).items()
                   if not k.startswith("hydra.")]
         for start in range(0, len(params), 100):  # MLflow's limit per batch
             self.client.log_batch(run.info.run_id, params=params[start:start + 100])

@@ -1,6 +1,6 @@
-"""When to save: a pure decision from the step number and a monotonic clock.
+"""When to save: the checkpoint cadence, a pure decision from the step number and a monotonic clock.
 
-The clock is injectable so the policy can be tested with a fake one, and monotonic by
+The clock is injectable so the cadence can be tested with a fake one, and monotonic by
 default so a wall-clock jump (NTP, daylight saving) neither fires nor starves saves.
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-__all__ = ["SavePolicy", "POLICY_KINDS"]
+from so8t.config.schema import Cadence
 
-POLICY_KINDS = ("time", "step", "both")
+__all__ = ["SaveCadence", "CADENCE_KINDS"]
+
+CADENCE_KINDS = tuple(kind.value for kind in Cadence)
 
 
-class SavePolicy:
+class SaveCadence:
     """Decide at each step boundary whether a save is due, and why.
 
     ``kind="time"`` fires once ``every_seconds`` have passed since the last save (or since
@@ -31,13 +33,13 @@ class SavePolicy:
         clock: Callable[[], float] = time.monotonic,
         start_step: int = 0,
     ) -> None:
-        if kind not in POLICY_KINDS:
-            raise ValueError(f"checkpoint policy must be one of {POLICY_KINDS}, got {kind!r}")
+        if kind not in CADENCE_KINDS:
+            raise ValueError(f"checkpoint cadence must be one of {CADENCE_KINDS}, got {str(kind)!r}")
         if kind in ("time", "both") and not (every_seconds and every_seconds > 0):
-            raise ValueError(f"checkpoint policy {kind!r} needs every_seconds > 0, got {every_seconds!r}")
+            raise ValueError(f"checkpoint cadence {str(kind)!r} needs every_seconds > 0, got {every_seconds!r}")
         if kind in ("step", "both") and not (every_steps and every_steps > 0):
-            raise ValueError(f"checkpoint policy {kind!r} needs every_steps > 0, got {every_steps!r}")
-        self.kind = kind
+            raise ValueError(f"checkpoint cadence {str(kind)!r} needs every_steps > 0, got {every_steps!r}")
+        self.kind = str(kind)
         self.every_seconds = float(every_seconds) if every_seconds else None
         self.every_steps = int(every_steps) if every_steps else None
         self._clock = clock
