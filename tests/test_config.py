@@ -269,7 +269,7 @@ def test_each_range_beside_its_field_is_checked(group, option, key, valid):
 
 
 # Schemas that keep defaults of their own (see the so8t.config.schema docstring).
-SCHEMA_DEFAULTS = ("RewardTermConfig", "RewardConfig", "OptimizerConfig")
+SCHEMA_DEFAULTS = ("RewardTermConfig",)
 
 
 def test_every_default_lives_in_one_place_the_yaml_option_files():

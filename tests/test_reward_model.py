@@ -80,7 +80,7 @@ def direct_scores(model, tok, texts: list[str], add_special_tokens: bool, label:
 
 def reward_cfg(terms: dict):
     """A reward config node shaped exactly like the composed Hydra one."""
-    return OmegaConf.merge(OmegaConf.structured(RewardConfig), {"terms": terms})
+    return OmegaConf.structured(RewardConfig(terms=terms, skip_special_tokens=True, normalize=False, clip=None))
 
 
 def term_cfg(path, **options):

@@ -44,7 +44,7 @@ def nan_reward(completions, **kwargs):
 
 def reward_cfg(terms: dict):
     """A reward config node shaped exactly like the composed Hydra one."""
-    return OmegaConf.merge(OmegaConf.structured(RewardConfig), {"terms": terms})
+    return OmegaConf.structured(RewardConfig(terms=terms, skip_special_tokens=True, normalize=False, clip=None))
 
 
 def call(reward, completions, references=None, eos=None, num_tokens=None, max_new_tokens=10) -> RewardResult:
@@ -177,7 +177,8 @@ def test_zero_weight_term_is_logged_but_not_counted():
 
 
 def test_accepts_the_typed_config():
-    reward = build_reward(RewardConfig(terms={"format": {"weight": 2.0}, "length": {"start_fraction": 0.5}}))
+    reward = build_reward(RewardConfig(terms={"format": {"weight": 2.0}, "length": {"start_fraction": 0.5}},
+                                       skip_special_tokens=True, normalize=False, clip=None))
     assert call(reward, [GOOD], num_tokens=[10]).total == [1.0]  # 2 * 1 + 1 * -1
 
 

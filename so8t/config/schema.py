@@ -169,10 +169,10 @@ class KLConfig:
 class SchedulerConfig:
     # A transformers SchedulerType name (transformers.get_scheduler), stepped once per PPO update;
     # its num_training_steps is max_steps.
-    name: str = "constant"
-    num_warmup_steps: int = 0
+    name: str = MISSING
+    num_warmup_steps: int = ranged(NON_NEGATIVE)
     # Further arguments of that schedule (num_cycles, power, lr_end, min_lr_rate ...).
-    scheduler_specific_kwargs: Dict[str, Any] = field(default_factory=dict)
+    scheduler_specific_kwargs: Dict[str, Any] = MISSING
 
 
 @dataclass
@@ -222,12 +222,12 @@ class RewardConfig:
     # Values are RewardTermConfig's keys plus the term's options; typed Any so that options can
     # sit beside the weight and `+reward.terms.NAME.weight=…` can add a term from the command
     # line. so8t.rewards checks each term (so8t.build.check_config, before any model is loaded).
-    terms: Dict[str, Any] = field(default_factory=dict)
-    skip_special_tokens: bool = True
+    terms: Dict[str, Any] = MISSING
+    skip_special_tokens: bool = MISSING
     # Normalise the total reward by its running mean/std (so8t.rewards.normalize).
-    normalize: bool = False
+    normalize: bool = MISSING
     # Clip the (normalised) total reward to [-clip, clip]; null: no clipping.
-    clip: Optional[float] = None
+    clip: Optional[float] = ranged(POSITIVE)
 
 
 @dataclass

@@ -18,7 +18,6 @@ optimizer class, its arguments and the LR schedule when the run is built (so8t.b
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import typing
 from typing import Any
@@ -81,21 +80,6 @@ def out_of_range(config: Any, prefix: str = "") -> list[str]:
 # --------------------------------------------------------------------------- the optimizer
 
 
-def _positive(cfg: DictConfig, key: str, problems: list[str], allow_zero: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None:
-        return
-    bad = value < 0 if allow_zero else value <= 0
-    if bad or (isinstance(value, float) and not math.isfinite(value)):
-        need = ">= 0" if allow_zero else "> 0"
-        problems.append(f"{key}={value} must be {need}")
-
-
-def _check_reward(cfg: DictConfig, problems: list[str]) -> None:
-    # The terms themselves (their functions and options) are checked by so8t.rewards.
-    _positive(cfg, "reward.clip", problems)
-
-
 # --------------------------------------------------------------------------- the composed config
 
 
@@ -123,7 +107,6 @@ def _check_composed(cfg: DictConfig, problems: list[str]) -> None:
         problems.append("data.path must be set for data=jsonl (data.path=/path/to/prompts.jsonl)")
     if cfg.model.kind in ("hub", "local") and (OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path):
         problems.append(f"model.path must be set for model.kind={cfg.model.kind}")
-    _check_reward(cfg, problems)
 
 
 # --------------------------------------------------------------------------- the typed config
