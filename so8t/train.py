@@ -1,9 +1,9 @@
 """``so8t-train``: compose the config, validate it, build the run and train.
 
 Nothing else lives here: the run's orchestration is in so8t.recipe, the PPO in so8t.ppo.
-The config's own checks (so8t.config.validate) run before torch is imported, the checks that
-need the domain code (reward functions, the optimizer class, the LR schedule: so8t.build.check_config)
-right after, and no model is loaded before both pass, so a wrong override fails in seconds.
+The config's own checks (so8t.config.validate) and the reward terms' (so8t.rewards) run before
+torch is imported; the optimizer class and LR schedule are checked when the run is built, before
+any model is loaded (so8t.build.check_optimizer). A wrong override fails in seconds.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ def _run(cfg: DictConfig) -> float:
 
     try:
         validate(cfg)
-        from so8t.build import check_config
+        from so8t.rewards import check_reward_config
 
-        problems = check_config(cfg)
+        # The reward terms' functions and options (cheap: no torch for the built-ins); the optimizer
+        # and LR schedule are checked first thing when the run is built (so8t.build.check_optimizer).
+        problems = check_reward_config(cfg.reward)
         if problems:
             raise ConfigValidationError(problems)
     except ConfigValidationError as exc:

@@ -2,9 +2,10 @@
 
 Hydra and the dataclass schema already reject unknown keys and wrong types; this module
 rejects well-typed values that make no sense (a temperature <= 0, batch sizes that do not
-divide ...). Every message names the key. What only the domain code can judge (a reward
-term's function and options, the optimizer class and its arguments, the LR schedule) is checked
-by ``so8t.build.check_config``, which so8t-train runs right after, before any model is loaded.
+divide ...). Every message names the key. What only the domain code can judge is checked
+there, still before any model is loaded: a reward term's function and options by so8t.rewards
+(so8t-train runs it right after this), the optimizer class and the LR schedule by
+so8t.build.check_optimizer (first thing when the run is built).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def _check_checkpoint(cfg: DictConfig, problems: list[str]) -> None:
 
 def _check_reward(cfg: DictConfig, problems: list[str]) -> None:
     # The terms themselves (their functions and options) are checked by so8t.rewards, which
-    # so8t.build.check_config runs after this, still before any model is loaded.
+    # so8t-train runs after this, still before any model is loaded.
     _positive(cfg, "reward.clip", problems)
 
 
