@@ -72,14 +72,22 @@ def build_gate_schedule(adapter_cfg):
 
 
 def check_config(cfg) -> list[str]:
-    """Problems only the code that builds the run can see, found before any model is loaded: the
-    reward terms (their functions and options) and the optimizer and LR schedule (their classes
-    and arguments). so8t.config.validate checks the rest; each message names its key."""
-    from so8t.ppo.optim import check_optimizer_config, check_scheduler_config
+    """Problems only the code that builds the run can see, each naming its key (so8t.config.validate
+    checks the rest): the reward terms (their functions and options) and the optimizer and LR schedule
+    (:func:`check_optimizer`). so8t-train checks the reward terms with the config, the optimizer first
+    thing in :func:`build_components`: both before any model is loaded."""
     from so8t.rewards import check_reward_config
 
-    return [*check_reward_config(cfg.reward), *check_optimizer_config(cfg.ppo.optimizer),
-            *check_scheduler_config(cfg.ppo.scheduler, cfg.max_steps)]
+    return [*check_reward_config(cfg.reward), *check_optimizer(cfg)]
+
+
+def check_optimizer(cfg) -> list[str]:
+    """Problems with the optimizer's class and arguments and the LR schedule. They need torch, so
+    they run in build_components rather than with the config: re-running a completed run (a sweep
+    run again) is then skipped without importing it."""
+    from so8t.ppo.optim import check_optimizer_config, check_scheduler_config
+
+    return [*check_optimizer_config(cfg.ppo.optimizer), *check_scheduler_config(cfg.ppo.scheduler, cfg.max_steps)]
 
 
 @dataclass
@@ -107,6 +115,9 @@ def build_components(cfg, group=None) -> Components:
     from so8t.rewards.normalize import RewardNormalizer
     from so8t.run.console import library_bars
 
+    problems = check_optimizer(cfg)
+    if problems:  # before anything is loaded: exit 2, each message naming its key
+        raise SetupError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
     library_bars(cfg.output.progress_bars)
     group = group or Group()
     device, dtype = configure_hardware(cfg.hardware, group)

@@ -1,5 +1,6 @@
 """The optimizer by ``_target_`` and the LR schedule from transformers, and the checks that run
-before any model is loaded (so8t.build.check_config): messages that name the key, exit code 2."""
+before any model is loaded (so8t.build.check_config: the reward terms with the config, the
+optimizer when the run is built): messages that name the key, exit code 2."""
 
 from __future__ import annotations
 
@@ -166,19 +167,23 @@ def test_warm_up_and_the_other_transformers_schedules_over_ppo_updates():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, needle", [
-    ("ppo.optimizer._target_=torch.optim.NoSuchOptimizer", "ppo.optimizer._target_=torch.optim.NoSuchOptimizer"),
-    ("ppo.optimizer._target_=torch.optim.SGD", "ppo.optimizer.betas: SGD takes no argument 'betas'"),
-    ("+reward.terms.mine={_target_:no_such_module.reward,_partial_:true}", "reward.terms.mine._target_"),
+@pytest.mark.parametrize("override, needle, with_the_config", [
+    ("ppo.optimizer._target_=torch.optim.NoSuchOptimizer", "ppo.optimizer._target_=torch.optim.NoSuchOptimizer", False),
+    ("ppo.optimizer._target_=torch.optim.SGD", "ppo.optimizer.betas: SGD takes no argument 'betas'", False),
+    ("+reward.terms.mine={_target_:no_such_module.reward,_partial_:true}", "reward.terms.mine._target_", True),
 ])
-def test_the_command_refuses_a_wrong_target_with_exit_2_before_loading_a_model(tmp_path, override, needle):
+def test_the_command_refuses_a_wrong_target_with_exit_2_before_loading_a_model(tmp_path, override, needle,
+                                                                               with_the_config):
     started = time.monotonic()
     proc = run_cli(tmp_path, override, timeout=120)
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert needle in proc.stdout and "Traceback" not in proc.stdout
     assert time.monotonic() - started < 30
-    # Refused before the run started: no session, no checkpoint (train.log is Hydra's own).
-    assert not list(tmp_path.glob("outputs/**/session.json")) and not list(tmp_path.glob("outputs/**/checkpoints"))
+    # No model was loaded (build_components logs the policy once it is built), nothing was saved.
+    assert "trainable parameters" not in proc.stdout and not list(tmp_path.glob("outputs/**/checkpoints"))
+    # Reward terms are refused with the config, before the run starts; the optimizer when the
+    # run is set up, before anything is built.
+    assert ("run dir:" in proc.stdout) is not with_the_config
 
 
 @pytest.mark.slow

@@ -221,7 +221,7 @@ class RewardTermConfig:
 class RewardConfig:
     # Values are RewardTermConfig's keys plus the term's options; typed Any so that options can
     # sit beside the weight and `+reward.terms.NAME.weight=…` can add a term from the command
-    # line. so8t.rewards checks each term (so8t.build.check_config, before any model is loaded).
+    # line. so8t.rewards checks each term before any model is loaded.
     terms: Dict[str, Any] = MISSING
     skip_special_tokens: bool = MISSING
     # Normalise the total reward by its running mean/std (so8t.rewards.normalize).
