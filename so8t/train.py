@@ -25,9 +25,16 @@ log = logging.getLogger("so8t.train")
 register()
 
 
+# Set once Hydra has composed a config and handed it to a job: an exit before that is Hydra
+# refusing the command line (see main).
+_composed = False
+
+
 @hydra.main(config_path=f"pkg://{CONF_PACKAGE}", config_name="train", version_base="1.3")
 def _run(cfg: DictConfig) -> float:
     """One run (or one job of a ``-m`` sweep); returns the objective, the final mean reward."""
+    global _composed
+    _composed = True
     from so8t.exit_codes import ExitCode
     from so8t.recipe import run_dir_of_job
     from so8t.sweep import job_result
@@ -119,7 +126,21 @@ def main() -> None:
 
     # Under torchrun, ranks other than 0 log to train.rank<N>.log and leave .hydra/ to rank 0.
     sys.argv += hydra_overrides_for_rank()
-    _run()
+    try:
+        _run()
+    except SystemExit as exc:
+        # Hydra prints why it cannot compose the command's config (an unknown key, a value
+        # outside a choice, a missing option) and exits 1, the code of a crash; it is a refused
+        # input. A sweep's own exit 1 (failed jobs, -m) is left as it is: its jobs may run elsewhere.
+        if exc.code == 1 and not _composed and not _is_multirun(sys.argv[1:]):
+            from so8t.exit_codes import ExitCode
+
+            sys.exit(ExitCode.REFUSED)
+        raise
+
+
+def _is_multirun(argv: list[str]) -> bool:
+    return any(arg in ("-m", "--multirun") or arg.startswith("hydra.mode=MULTIRUN") for arg in argv)
 
 
 if __name__ == "__main__":

@@ -302,8 +302,9 @@ def test_every_default_lives_in_one_place_the_yaml_option_files():
 
 @pytest.mark.slow
 def test_the_cli_refuses_a_value_outside_a_choice_in_one_clear_line(tmp_path):
-    """A wrong choice is refused while Hydra composes: exit code 1 (Hydra's, as for an unknown
-    key), the key and the valid choices named, no traceback."""
+    """A wrong choice is refused while Hydra composes, as an unknown key or a missing option is:
+    exit code 2 (a refused input, not Hydra's own 1), the key and the valid choices named, no
+    traceback."""
     import os
     import subprocess
 
@@ -312,9 +313,13 @@ def test_the_cli_refuses_a_value_outside_a_choice_in_one_clear_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     result = subprocess.run(cli_argv("hardware.memory_check=bogus"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Invalid value 'bogus', expected one of [error, warn, off]" in result.stdout
     assert "hardware.memory_check" in result.stdout and "Traceback" not in result.stdout
+    for override, named in (("model.does_not_exist=1", "does_not_exist"), ("model=nope", "nope")):
+        result = subprocess.run(cli_argv(override), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=120)
+        assert result.returncode == 2 and named in result.stdout and "Traceback" not in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("key", ["hardware.num_threads", "adapter.gate.kind", "data.seed"])

@@ -135,12 +135,12 @@ def test_a_quantised_base_without_cuda_is_refused_clearly(kind, tmp_path):
 
 
 def test_bad_new_keys_are_refused_naming_the_key(tmp_path):
-    # A value outside a choice is refused while Hydra composes (exit 1, as an unknown key) ...
+    # A value outside a choice is refused while Hydra composes (exit 2, as an unknown key) ...
     for override, choices in (("model.quantization=fp8", "[none, nf4, int8]"),
                               ("hardware.memory_check=maybe", "[error, warn, off]")):
         proc = run_cli(tmp_path, override)
         out = proc.stdout + proc.stderr
-        assert proc.returncode == 1 and override.split("=")[0] in out and f"expected one of {choices}" in out, out
+        assert proc.returncode == 2 and override.split("=")[0] in out and f"expected one of {choices}" in out, out
     # ... a value outside a range by validation (exit 2).
     proc = run_cli(tmp_path, "hardware.rollout_micro_batch_size=0")
     out = proc.stdout + proc.stderr

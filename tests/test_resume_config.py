@@ -65,7 +65,7 @@ def resume(cfg, run_dir):
 
 def schedule_at(cfg, step: int) -> float:
     """The LR the config's schedule gives at ``step``, from a scheduler of its own."""
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.ppo.optimizer.lr)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.ppo.optimizer["lr"])
     scheduler = build_lr_scheduler(optimizer, cfg.ppo.scheduler, cfg.max_steps)
     for _ in range(step):
         optimizer.step()
@@ -193,7 +193,7 @@ def test_a_longer_max_steps_restretches_a_decaying_schedule(tmp_path):
     longer = copy.deepcopy(cfg)
     longer.max_steps = 16
     trainer, _, _ = resume(longer, tmp_path)
-    peak = cfg.ppo.optimizer.lr
+    peak = cfg.ppo.optimizer["lr"]
     # The curve of a run started with max_steps=16, at step 4: 1 - 4/16 of the peak.
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(peak * (1 - 4 / 16), rel=1e-12)
     trainer.lr_scheduler.step()
@@ -203,7 +203,7 @@ def test_a_longer_max_steps_restretches_a_decaying_schedule(tmp_path):
 def test_a_changed_optimizer_class_is_refused(saved):
     cfg, run_dir = saved
     new_cfg = copy.deepcopy(cfg)
-    new_cfg.ppo.optimizer._target_ = "torch.optim.Adam"
+    new_cfg.ppo.optimizer["_target_"] = "torch.optim.Adam"
     with pytest.raises(CheckpointError, match="ppo.optimizer._target_: checkpoint 'torch.optim.AdamW' -> now "
                                               "'torch.optim.Adam'"):
         resume(new_cfg, run_dir)
@@ -220,7 +220,7 @@ def test_a_resume_on_a_warm_up_and_cosine_schedule_is_bit_exact(tmp_path):
     rows = [trainer.train_step() for _ in range(2)]
     keys = ("optim/lr", "loss/total", "reward/mean", "kl/mean")
     assert [[row[k] for k in keys] for row in rows] == [[row[k] for k in keys] for row in expected[3:]]
-    assert [row["optim/lr"] for row in expected][:3] == [0.0, cfg.ppo.optimizer.lr / 2, cfg.ppo.optimizer.lr]
+    assert [row["optim/lr"] for row in expected][:3] == [0.0, cfg.ppo.optimizer["lr"] / 2, cfg.ppo.optimizer["lr"]]
     for a, b in zip(trainer.policy.trainable_parameters(), straight.policy.trainable_parameters(), strict=True):
         assert torch.equal(a, b)
     for a, b in zip(trainer.optimizer.state.values(), straight.optimizer.state.values(), strict=True):
