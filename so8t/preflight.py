@@ -124,6 +124,22 @@ def _prompt_tokens(data_cfg) -> int:
     return 2 * len(str(data_cfg.max_operand)) + 2
 
 
+# fp32 tensors per parameter of the torch.optim classes whose state is known; any other class is
+# counted as AdamW (two), the most the built-in classes keep in the usual settings.
+_OPTIMIZER_STATES = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Adagrad": 1}
+
+
+def optimizer_state_tensors(opt_cfg: Any) -> int:
+    """How many parameter-sized fp32 tensors ``ppo.optimizer`` keeps (SGD: its momentum buffer
+    only when momentum is set; RMSprop: square average, plus momentum and centred mean)."""
+    name = str(opt_cfg.get("_target_", "")).rsplit(".", 1)[-1]
+    if name == "SGD":
+        return 1 if opt_cfg.get("momentum") else 0
+    if name == "RMSprop":
+        return 1 + bool(opt_cfg.get("momentum")) + bool(opt_cfg.get("centered"))
+    return _OPTIMIZER_STATES.get(name, 2)
+
+
 def shapes_for(cfg: Any, cuda: bool) -> tuple[ModelShape, RunShape]:
     config = load_model_config(cfg.model)
     model = meta_model(config, bool(cfg.model.trust_remote_code))
@@ -144,6 +160,7 @@ def shapes_for(cfg: Any, cuda: bool) -> tuple[ModelShape, RunShape]:
         prefix_reuse=bool(hw.frozen_prefix_reuse),
         cuda=cuda,
         adapter_kind=kind,
+        optimizer_states=optimizer_state_tensors(ppo.optimizer),
     )
     return shape, run
 

@@ -88,6 +88,20 @@ def test_each_knob_shrinks_the_phase_it_claims_to(small_dir):
     assert knobs and knobs[0].startswith("hardware.rollout_micro_batch_size=")
 
 
+@pytest.mark.parametrize("overrides,states", [
+    ([], 2),  # AdamW's two moments
+    (["ppo/optimizer=sgd"], 0),
+    (["ppo/optimizer=sgd", "ppo.optimizer.momentum=0.9"], 1),
+    (["ppo/optimizer=adam"], 2),
+])
+def test_the_optimizer_state_is_counted_for_the_chosen_class(small_dir, overrides, states):
+    cfg = _cfg("model=local", f"model.path={small_dir}", *overrides)
+    model, run = shapes_for(cfg, cuda=False)
+    assert run.optimizer_states == states
+    # The parameters, their gradients and the state, fp32 each.
+    assert estimate(model, run).resident["trainable + grads + optimizer"] == run.trainable_params * 4 * (2 + states)
+
+
 def test_check_memory_warns_or_refuses_by_memory_check(small_dir, caplog):
     over = ["model=local", f"model.path={small_dir}", "hardware.memory_budget_gb=0.01"]
     with pytest.raises(SetupError, match="exceeds hardware.memory_budget_gb=0.01"):

@@ -67,6 +67,7 @@ class RunShape:
     prefix_reuse: bool
     cuda: bool
     adapter_kind: str = "so8"  # so8 | lora | none (LoRA linears save their inputs)
+    optimizer_states: int = 2  # fp32 tensors the optimizer keeps per trainable parameter (AdamW: 2)
 
 
 @dataclass
@@ -126,8 +127,8 @@ def estimate(model: ModelShape, run: RunShape) -> MemoryEstimate:
     est = MemoryEstimate(context=CUDA_CONTEXT_BYTES if run.cuda else 0)
     tokens = run.prompt_tokens + run.response_tokens
     est.resident["weights"] = weight_bytes(model, run)
-    # Parameters, gradients and AdamW's two moments, all fp32.
-    est.resident["trainable + grads + AdamW"] = run.trainable_params * FP32 * 4
+    # Parameters, gradients and the optimizer's state (AdamW's two moments), all fp32.
+    est.resident["trainable + grads + optimizer"] = run.trainable_params * FP32 * (2 + run.optimizer_states)
     if run.prefix_reuse and run.first_adapted > 0:
         est.resident["frozen prefix"] = run.rollout_batch * tokens * model.hidden * d
     dequantised = model.largest_linear * d if run.quantization != "none" else 0
