@@ -81,7 +81,7 @@ def test_a_quantised_load_asks_transformers_for_a_quantised_read_straight_onto_t
         return real(cls, name, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
-    cfg = SimpleNamespace(source="tiny", path=None, quantization="nf4", attn_implementation="eager")
+    cfg = SimpleNamespace(kind="tiny", path=None, quantization="nf4", attn_implementation="eager")
     model, _ = loading.load_base_model(cfg, dtype=torch.bfloat16, device="cuda:0")
 
     (request,) = requests
