@@ -89,6 +89,18 @@ def test_awkward_containers_round_trip():
     assert back["bool"] is True
 
 
+def test_runs_of_plain_numbers_encode_as_they_are_and_numpy_scalars_keep_their_dtype():
+    """Lists and tuples of plain numbers (the RNG states) take a short path; one NumPy scalar
+    among them must still come back as that NumPy type, a tuple still as a tuple."""
+    value = {"plain": (1, 2, 3), "words": [7] * 624, "mixed": [1, np.float64(2.0), 3], "in_tuple": (np.int64(5), 6)}
+    tensors, skeleton = flatten_state(value)
+    assert skeleton["plain"] == {"__tuple__": [1, 2, 3]} and skeleton["words"] == [7] * 624
+    back = unflatten_state(_json_round_trip(skeleton), tensors)
+    assert back["plain"] == (1, 2, 3) and isinstance(back["plain"], tuple) and back["words"] == [7] * 624
+    assert type(back["mixed"][1]) is np.float64 and type(back["mixed"][0]) is int
+    assert type(back["in_tuple"][0]) is np.int64 and isinstance(back["in_tuple"], tuple)
+
+
 def test_unsupported_objects_are_named():
     with pytest.raises(TypeError, match="set at 'a.b'"):
         flatten_state({"a": {"b": {1, 2}}})
