@@ -23,15 +23,6 @@ from so8t.run.clock import Deadline, process_started
 
 log = logging.getLogger(__name__)
 
-# The exit codes under the names this module has always exported (so8t.exit_codes defines them).
-EXIT_OK = ExitCode.OK
-EXIT_FAILED = ExitCode.FAILED
-EXIT_REFUSED = ExitCode.REFUSED
-EXIT_LOCKED = ExitCode.LOCKED
-EXIT_CHECKPOINTING = ExitCode.CHECKPOINTING
-EXIT_DEADLINE = ExitCode.DEADLINE
-
-
 def run_dir_of_job() -> Path:
     from hydra.core.hydra_config import HydraConfig
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from so8t.recipe import EXIT_OK, EXIT_REFUSED, run_training
+from so8t.exit_codes import ExitCode
+from so8t.recipe import run_training
 from so8t.run.metrics import read_metrics
 from tests.conftest import typed_config as compose
 
@@ -14,11 +15,11 @@ FAST = ["debug=fast", "hardware.num_threads=1", "output.progress_bars=false", "c
 
 def test_run_training_runs_resumes_and_continues_in_process(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_training(compose(FAST), run_dir) == EXIT_OK
+    assert run_training(compose(FAST), run_dir) == ExitCode.OK
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert (run_dir / "final" / "policy.json").is_file()
     # The same run with a larger max_steps continues from its step-3 checkpoint.
-    assert run_training(compose([*FAST, "max_steps=5"]), run_dir) == EXIT_OK
+    assert run_training(compose([*FAST, "max_steps=5"]), run_dir) == ExitCode.OK
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     session = json.loads((run_dir / "session.json").read_text())
@@ -29,6 +30,6 @@ def test_run_training_runs_resumes_and_continues_in_process(tmp_path):
 
 def test_run_training_refuses_checkpoints_of_another_config(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_training(compose(FAST), run_dir) == EXIT_OK
-    assert run_training(compose([*FAST, "max_steps=5", "adapter.layers=[0]"]), run_dir) == EXIT_REFUSED
+    assert run_training(compose(FAST), run_dir) == ExitCode.OK
+    assert run_training(compose([*FAST, "max_steps=5", "adapter.layers=[0]"]), run_dir) == ExitCode.REFUSED
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
