@@ -6,13 +6,14 @@ What is proved here:
 * A 2-rank run completes: metrics are the group's (episodes counted once, both ranks log the
   same global figures), one checkpoint per step holding both ranks' RNG states, session.json,
   metrics, samples, train.log, .hydra and final/ from rank 0 only, rank 1 in train.rank1.log.
-* SIGTERM to torchrun mid-run (it forwards it to both ranks): both ranks stop after the same
-  update, one "signal" checkpoint at that step, every rank exits 143 (recorded in
-  session.json; torchrun itself exits 1, as after any rank's non-zero code); the same command
-  resumes and ends with final tensors equal to the uninterrupted twin's.
+* SIGTERM to the launcher mid-run (it forwards it to both ranks): both ranks stop after the same
+  update, one "signal" checkpoint at that step, every rank exits 143 (recorded in session.json)
+  and so does the group: ``so8t-torchrun`` (torchrun ending with the group's status; plain
+  torchrun ends with 1 after any rank's non-zero code); the same command resumes and ends with
+  final tensors equal to the uninterrupted twin's.
 * A lone process and a second group on a live run folder are refused with exit 3 on every
-  rank; ``kill -9`` of one rank ends the group; the same command resumes from the last
-  committed checkpoint and ends bit-exact to the twin.
+  rank; ``kill -9`` of one rank ends the group (status 137); the same command resumes from the
+  last committed checkpoint and ends bit-exact to the twin.
 * A 2-rank checkpoint resumed by one process is refused (exit 2) with what to do.
 * ``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath) starts the same group.
 
@@ -45,6 +46,8 @@ MAX_STEPS = 30
 RUN = ("output.progress_bars=false", "hardware.num_threads=1", "ppo.rollout_batch_size=8",
        "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", f"max_steps={MAX_STEPS}", "checkpoint=step")
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+# torchrun itself, ending with the group's exit status instead of 1 (so8t/torchrun.py).
+SO8T_TORCHRUN = (sys.executable, "-m", "so8t.torchrun", "--standalone", "--nproc_per_node", "2")
 
 
 class Launch:
@@ -102,9 +105,10 @@ class Launch:
 def launcher(tmp_path):
     launches: list[Launch] = []
 
-    def start(cwd: Path, *overrides: str, ranks: int = 2, label: str = "run", shutdown_timeout: int = 30) -> Launch:
+    def start(cwd: Path, *overrides: str, ranks: int = 2, label: str = "run", shutdown_timeout: int = 30,
+              via: tuple[str, ...] = TORCHRUN) -> Launch:
         cwd.mkdir(exist_ok=True)
-        head = [*TORCHRUN[:-1], str(ranks)] if ranks > 1 else [sys.executable]
+        head = [*via[:-1], str(ranks)] if ranks > 1 else [sys.executable]
         given = {o.split("=", 1)[0] for o in overrides}
         base = [o for o in RUN if o.split("=", 1)[0] not in given]
         launch = Launch(cwd, [*head, "-m", "so8t.train", *base, *overrides], f"{len(launches) + 1}-{label}",
@@ -201,12 +205,12 @@ def test_two_ranks_complete_with_global_metrics_and_one_writer(twin):
 
 def test_sigterm_to_torchrun_saves_one_step_and_the_rerun_matches_the_twin(twin, launcher, tmp_path):
     cwd = tmp_path / "work"
-    group = launcher(cwd, "checkpoint.every_steps=1000", label="signalled")
+    group = launcher(cwd, "checkpoint.every_steps=1000", label="signalled", via=SO8T_TORCHRUN)
     wait_for(lambda: any(cwd.glob("outputs/*/runs/*")) and metric_rows(run_dir_of(cwd)) >= 3, group, "3 updates")
     group.popen.send_signal(signal.SIGTERM)
-    # torchrun never passes a rank's code on: its agent raises the signal as an exception (status
-    # 1); the attempt's code is in session.json, where a requeue script reads it.
-    assert group.wait() == 1, group.output[-4000:]
+    # Plain torchrun's agent would raise the signal as an exception (status 1, a traceback).
+    assert group.wait() == 143, group.output[-4000:]
+    assert "Traceback" not in group.output and "SIGTERM received and forwarded to every rank" in group.output
     run_dir = run_dir_of(cwd)
     session = session_of(run_dir)
     attempt = session["attempts"][-1]
@@ -229,7 +233,7 @@ def test_sigterm_to_torchrun_saves_one_step_and_the_rerun_matches_the_twin(twin,
 
 def test_a_live_group_refuses_rivals_and_kill_9_of_a_rank_resumes_bit_exact(twin, launcher, tmp_path):
     cwd = tmp_path / "work"
-    group = launcher(cwd, "checkpoint.every_steps=2", label="killed")
+    group = launcher(cwd, "checkpoint.every_steps=2", label="killed", via=SO8T_TORCHRUN)
     wait_for(lambda: any(cwd.glob("outputs/*/runs/*")) and (run_dir_of(cwd) / "checkpoints" / "LATEST").exists()
              and metric_rows(run_dir_of(cwd)) >= 3, group, "a checkpoint")
     ranks = group.ranks()
@@ -248,7 +252,8 @@ def test_a_live_group_refuses_rivals_and_kill_9_of_a_rank_resumes_bit_exact(twin
     for proc in ranks.values():
         proc.resume()
     ranks[1].kill()  # kill -9 of one rank
-    group.wait()
+    assert group.wait() == 137, group.output[-4000:]  # 128 + SIGKILL: rank 1 is the root cause
+    assert "rank 1 failed first; exit status 137" in group.output
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
     run_dir = run_dir_of(cwd)
     committed = parse_step(CheckpointStore(run_dir / "checkpoints").read_latest())
@@ -276,7 +281,7 @@ def test_a_signal_to_one_rank_stops_the_whole_group_at_one_step(launcher, tmp_pa
     group = launcher(cwd, "checkpoint.every_steps=1000", "max_steps=1000", label="usr1")
     wait_for(lambda: any(cwd.glob("outputs/*/runs/*")) and metric_rows(run_dir_of(cwd)) >= 3, group, "3 updates")
     group.ranks()[1].send_signal(signal.SIGUSR1)  # only rank 1 hears it
-    group.wait()
+    assert group.wait() == 1  # plain torchrun: 1 for any rank's non-zero status
     run_dir = run_dir_of(cwd)
     attempt = session_of(run_dir)["attempts"][-1]
     assert (attempt["end_reason"], attempt["exit_code"]) == ("SIGUSR1", 138)
@@ -292,8 +297,9 @@ def test_a_signal_to_one_rank_stops_the_whole_group_at_one_step(launcher, tmp_pa
 def test_the_deadline_is_the_groups(launcher, tmp_path):
     cwd = tmp_path / "work"
     group = launcher(cwd, "checkpoint.every_steps=1000", "max_steps=100000", "max_wall_seconds=10",
-                     label="deadline")
-    assert group.wait() == 1, group.output[-4000:]  # torchrun: 1 for any rank's non-zero code
+                     label="deadline", via=SO8T_TORCHRUN)
+    assert group.wait() == 75, group.output[-4000:]  # so8t-torchrun passes the ranks' status on
+    assert "Traceback" not in group.output
     assert time.monotonic() - group.started < 60
     run_dir = run_dir_of(cwd)
     attempt = session_of(run_dir)["attempts"][-1]
