@@ -107,7 +107,7 @@ def _worker(rank: int, folder: str) -> None:
         raw = torch.load(f"{folder}/raw_advantages.pt")
         mask = scored.rollout.response_mask.float()
         whitened = masked_whiten(raw[rank * share:(rank + 1) * share], mask[rank * share:(rank + 1) * share],
-                                 total=group.sum)
+                                 gather=group.gather_rows)
         trainer.policy.train_without_dropout()
         stats: dict = {}
         trainer.ppo_epoch(mine, stats, order=torch.arange(share))

@@ -22,22 +22,39 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                  gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Normalise to unit variance over the masked entries (and zero mean if ``shift_mean``).
-    ``total``: as for :func:`masked_mean`, for the statistics of the whole group's batch."""
-    if total is None:
+
+    ``gather`` turns this rank's row of numbers into every rank's rows (so8t.distributed.Group
+    .gather_rows): the mean and variance are then the whole group's batch, from one collective."""
+    if gather is None:
         mean = masked_mean(values, mask)
         count = mask.sum().clamp(min=2)
+        centred = values - mean
+        # Unbiased variance, as in the PPO-for-LM reference implementations.
+        var = ((centred**2) * mask).sum() / (count - 1)
     else:
-        sums = total(torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)]))
-        mean, count = sums[0] / sums[1].clamp(min=1), sums[1].clamp(min=2)
-    centred = values - mean
-    # Unbiased variance, as in the PPO-for-LM reference implementations.
-    var = (total or (lambda t: t))(((centred**2) * mask).sum()) / (count - 1)
+        mean, var = _group_moments(values, mask.to(values.dtype), gather)
+        centred = values - mean
     whitened = centred * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
+
+
+def _group_moments(values: torch.Tensor, mask: torch.Tensor,
+                   gather: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's masked mean and unbiased variance from each rank's count, mean and sum of
+    squared deviations (Chan et al.'s pairwise combination): one collective, where sums of
+    squares would need a second one for the centring, or lose precision to cancellation."""
+    count = mask.sum()
+    mean = (values * mask).sum() / count.clamp(min=1)
+    squares = (((values - mean) ** 2) * mask).sum()
+    counts, means, all_squares = gather(torch.stack([count, mean, squares]).reshape(1, 3)).unbind(1)
+    total = counts.sum()
+    group_mean = (counts * means).sum() / total.clamp(min=1)
+    spread = all_squares.sum() + (counts * (means - group_mean) ** 2).sum()
+    return group_mean, spread / (total.clamp(min=2) - 1)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

@@ -211,8 +211,7 @@ class PPOTrainer:
         """The first PPO epoch's micro-batches, in order: mini-batches of ``order``, each cut
         into micro-batches (the grouping of :meth:`ppo_epoch`)."""
         groups = []
-        for start in range(0, len(order), self.local_mini_batch_size):
-            mini = order[start : start + self.local_mini_batch_size]
+        for mini in self._mini_batches(order):
             groups += [mini[i : i + self.micro_batch_size] for i in range(0, len(mini), self.micro_batch_size)]
         return groups
 
@@ -310,7 +309,8 @@ class PPOTrainer:
         rewards, kl = token_rewards(scores, rollout.logprobs, ref_logprobs, mask, self.kl_controller.value)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, total=self.group.sum)
+            advantages = masked_whiten(advantages, mask,
+                                       gather=self.group.gather_rows if self.group.enabled else None)
 
         # The logged figures are the global batch's: per-episode numbers, the explained
         # variance's moments and the reward terms' sums travel in one collective.
@@ -381,16 +381,29 @@ class PPOTrainer:
             loss = loss - cfg.ent_coef * entropy_sum * token_weight
         return loss, parts, entropy_sum.detach(), float(mask.sum())
 
+    def _mini_batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's share of each global mini-batch of an epoch, in ``order``."""
+        step = self.local_mini_batch_size
+        return [order[start : start + step] for start in range(0, order.shape[0], step)]
+
+    def _global_token_counts(self, scored: ScoredRollout, epochs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Each global mini-batch's token count, for every epoch at once (one collective per
+        update): the ranks' losses, weighted by it, add up to the global mini-batch's loss."""
+        mask = scored.rollout.response_mask
+        flat = self.group.sum(torch.stack([mask[mini].sum() for minis in epochs for mini in minis]))
+        return list(flat.split([len(minis) for minis in epochs]))
+
     def ppo_epoch(self, scored: ScoredRollout, stats: dict[str, list[float]],
-                  order: torch.Tensor | None = None) -> None:
+                  order: torch.Tensor | None = None, mini_tokens: torch.Tensor | None = None) -> None:
+        """One pass over the rollout in ``order`` (a fresh permutation if None); ``mini_tokens``:
+        the global mini-batches' token counts if already known (train_step), else counted here."""
         cfg = self.cfg
         n = scored.rollout.response_ids.shape[0]
         order = order if order is not None else torch.randperm(n, device=self.device)
         scaler = self.grad_scaler
-        minis = [order[start : start + self.local_mini_batch_size] for start in range(0, n, self.local_mini_batch_size)]
-        # Each global mini-batch's token count (one collective for the epoch): the ranks'
-        # losses, weighted by it, add up to the global mini-batch's loss.
-        mini_tokens = self.group.sum(torch.stack([scored.rollout.response_mask[mini].sum() for mini in minis]))
+        minis = self._mini_batches(order)
+        if mini_tokens is None:
+            mini_tokens = self._global_token_counts(scored, [minis])[0]
         for mini, tokens_of_mini in zip(minis, mini_tokens):
             tokens_in_mini = float(tokens_of_mini.clamp(min=1))
             self.optimizer.zero_grad(set_to_none=True)
@@ -465,8 +478,15 @@ class PPOTrainer:
         ppo_began = time.perf_counter()
         self.policy.train_without_dropout()
         stats: dict[str, list[float]] = {}
+        # Every epoch's order is drawn up front, so all the mini-batches' token counts travel in
+        # one collective; nothing in an epoch draws random numbers (no dropout), so the orders
+        # are the ones each epoch would have drawn at its start.
+        n = scored.rollout.response_ids.shape[0]
+        orders = [scored.first_order] + [torch.randperm(n, device=self.device) for _ in range(self.cfg.ppo_epochs - 1)]
+        epochs = [self._mini_batches(order) for order in orders]
+        token_counts = self._global_token_counts(scored, epochs)
         for epoch in range(self.cfg.ppo_epochs):
-            self.ppo_epoch(scored, stats, scored.first_order if epoch == 0 else None)
+            self.ppo_epoch(scored, stats, orders[epoch], token_counts[epoch])
             if on_epoch is not None:
                 on_epoch(epoch)
         self.policy.eval()
