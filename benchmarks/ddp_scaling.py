@@ -1,20 +1,24 @@
 """Data-parallel scaling: 2 ranks x 1 thread against 1 rank x 1 thread, on the same global batch.
 
-    python benchmarks/ddp_scaling.py [--rounds 3] [--steps 12] [--batch 64] [--no-write-results]
+    python benchmarks/ddp_scaling.py [--rounds 3] [--steps 12] [--batches 64,128] [--no-write-results]
 
 Both sides run SO8T's own trainer and checkpoint service, with the same config
 (``ppo.rollout_batch_size`` and ``ppo.mini_batch_size`` are global, so both sides do the same
 work per update), one checkpoint per update (``checkpoint=step every_steps=1``, background
 writes): the 1-rank side as a plain process, the 2-rank side under the real launcher
-(``python -m torch.distributed.run --standalone --nproc_per_node 2``, gloo). The sides
-alternate for ``--rounds`` rounds, each a fresh launch; after 2 warm-up updates each worker
+(``python -m torch.distributed.run --standalone --nproc_per_node 2``, gloo), and a third side,
+one process on half the global batch: one rank's share done alone, whose doubled episodes/s is
+the most 2 ranks can reach (a forward on half the rows costs more than half: fixed costs per call,
+and every call reads all the weights), so the table separates what strong scaling of this model
+allows from what data parallelism itself costs. Each global batch of ``--batches`` gets its
+own sides; they take turns for ``--rounds`` rounds, each a fresh launch; after 2 warm-up updates each worker
 runs ``--steps`` timed iterations of the training loop's own sequence (so8t.recipe): the
 boundary agreement on the stop and the deadline, the update, the boundary agreement on the
 stop and the save (which carries every rank's RNG states), the checkpoint cadence's call
 (``maybe_save``):
 
 * episodes/s: global episodes / wall time of the timed iterations (updates, agreements and
-  saves) — target: 2 ranks >= 1.7x one rank on 2 cores;
+  saves) — target: 2 ranks >= 1.7x one rank on 2 cores, and its bound (2 x the half-batch side);
 * checkpoint stall: how long ``maybe_save`` keeps the training thread (the slowest rank's:
   the group waits for it at the next collective) — target <= 1.2x one rank's. The save's
   decision and hand-over travel in the agreement before it, which runs at every update whether
@@ -190,21 +194,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="launches of each side (medians)")
     parser.add_argument("--steps", type=int, default=12, help="timed updates per launch")
-    parser.add_argument("--batch", type=int, default=64, help="global rollout batch (mini-batch: a quarter)")
+    parser.add_argument("--batches", default="64,128",
+                        help="global rollout batches, comma-separated (mini-batch: a quarter of each)")
     parser.add_argument("--no-write-results", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--model", choices=("medium", "tiny"), default="medium",
                         help="medium: a random Phi-3 of hidden 256, 4 layers (ppo_throughput.py's medium); "
                              "tiny: the embedded tiny model, whose updates are bound by per-call overhead")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)  # the worker's global batch
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    batches = [int(b) for b in args.batches.split(",")]
+    if any(b % 8 for b in batches):
+        parser.error("each batch must be a multiple of 8 (a quarter of it is split over 2 ranks)")
 
+    # Per global batch B, three sides: 1 rank on B, 2 ranks on B, and 1 rank on B/2 — the work of
+    # one of the two ranks done alone, which bounds what 2 ranks can reach (2x its episodes/s).
+    sides = (("1 rank", 1, 1), ("2 ranks", 2, 1), ("1 rank, half batch", 1, 2))
     started, loads = time.monotonic(), []
-    results: dict[int, list[dict]] = {1: [], 2: []}
+    results: dict[tuple[int, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as folder:
         if args.model == "medium":
             sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -212,73 +224,88 @@ def main(argv: list[str] | None = None) -> int:
 
             args.model_dir = str(Path(folder) / "model")
             build_model_dir("medium", Path(args.model_dir))
-        for round_index in range(args.rounds):
-            order = (1, 2) if round_index % 2 == 0 else (2, 1)  # alternate, so drift hits both
-            for ranks in order:
-                loads.append(load_average())
-                results[ranks].append(launch(ranks, args, Path(folder)))
-                r = results[ranks][-1]
-                print(f"round {round_index + 1}: {ranks} rank(s): {r['episodes'] / r['wall']:.1f} episodes/s, "
-                      f"stall {1000 * r['stall']:.2f} ms, agreements {1000 * r['agree']:.2f} ms, "
-                      f"collectives {r['collectives']}", flush=True)
+        for batch in batches:
+            for round_index in range(args.rounds):
+                order = sides[round_index % 3:] + sides[:round_index % 3]  # rotate, so drift hits every side
+                for name, ranks, divisor in order:
+                    loads.append(load_average())
+                    args.batch = batch // divisor
+                    r = launch(ranks, args, Path(folder))
+                    results.setdefault((batch, name), []).append(r)
+                    print(f"batch {batch}, round {round_index + 1}: {name}: {r['episodes'] / r['wall']:.1f} "
+                          f"episodes/s, stall {1000 * r['stall']:.2f} ms, agreements {1000 * r['agree']:.2f} ms, "
+                          f"collectives {r['collectives']}", flush=True)
 
-    def med(ranks: int, key) -> float:
-        return statistics.median(key(r) for r in results[ranks])
+    def med(batch: int, side: str, key) -> float:
+        return statistics.median(key(r) for r in results[(batch, side)])
 
-    eps = {n: med(n, lambda r: r["episodes"] / r["wall"]) for n in (1, 2)}
-    stall = {n: med(n, lambda r: r["stall"]) for n in (1, 2)}
-    step = {n: med(n, lambda r: r["step"]) for n in (1, 2)}
-    agree = {n: med(n, lambda r: r["agree"]) for n in (1, 2)}
-    counts = {n: results[n][0]["collectives"] for n in (1, 2)}  # the same in every launch of a side
-    threads = {n: results[n][0]["threads"] for n in (1, 2)}
-    per_cpu = {n: med(n, lambda r: r["episodes"] / r["cpu"]) for n in (1, 2)}
-    efficiency = per_cpu[2] / per_cpu[1]
-    speedup, stall_ratio = eps[2] / eps[1], stall[2] / stall[1]
-    per_round = {n: ", ".join(f"{r['episodes'] / r['wall']:.1f}" for r in results[n]) for n in (1, 2)}
-    cmd = "python benchmarks/ddp_scaling.py" + (f" --model {args.model}" if args.model != "medium" else "") + (f" --rounds {args.rounds}" if args.rounds != 3 else "") + (
-        f" --steps {args.steps}" if args.steps != 12 else "") + (f" --batch {args.batch}" if args.batch != 64 else "")
+    def eps(r: dict) -> float:
+        return r["episodes"] / r["wall"]
+
+    first = batches[0]
+    counts = results[(first, "2 ranks")][0]["collectives"]  # the same in every launch and at every batch
+    threads = {n: results[(first, n)][0]["threads"] for n in ("1 rank", "2 ranks")}
+    cmd = "python benchmarks/ddp_scaling.py" + (f" --model {args.model}" if args.model != "medium" else "") + (
+        f" --rounds {args.rounds}" if args.rounds != 3 else "") + (f" --steps {args.steps}" if args.steps != 12 else "") + (
+        f" --batches {args.batches}" if args.batches != "64,128" else "")
     lines = [
         SECTION,
         "",
         f"`{cmd}` — {dt.date.today().isoformat()}, {time.monotonic() - started:.0f} s wall.",
         "",
         f"- Machine: {platform.platform()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
-        f"torch {results[1][0]['torch']}; 1-minute load average before each launch: {', '.join(loads)}.",
-        f"- Work: {MODELS[args.model]} with SO(8) adapters, global rollout batch {args.batch}, mini-batch "
-        f"{args.batch // 4}, 2 PPO epochs, 12 new tokens; one checkpoint per update (background write). "
-        f"Medians over {args.rounds} launches per side (alternating), {args.steps} timed updates each "
-        "after 2 warm-up updates.",
-        f"- 2 ranks: `torchrun --standalone --nproc_per_node 2`, gloo, {threads[2]} torch thread per rank "
-        f"({threads[1]} on the 1-rank side); each rank samples "
-        "and trains on half of every global batch; gradients and statistics are summed over the ranks.",
+        f"torch {results[(first, '1 rank')][0]['torch']}; 1-minute load average before each launch: {', '.join(loads)}.",
+        f"- Work: {MODELS[args.model]} with SO(8) adapters, global rollout batches {', '.join(map(str, batches))} "
+        "(mini-batch: a quarter), 2 PPO epochs, 12 new tokens; one checkpoint per update (background write). "
+        f"Medians over {args.rounds} launches per side (rotating order), {args.steps} timed updates each after "
+        "2 warm-up updates.",
+        f"- 2 ranks: `torchrun --standalone --nproc_per_node 2`, gloo, {threads['2 ranks']} torch thread per rank "
+        f"({threads['1 rank']} on the 1-rank sides); each rank samples and trains on half of every global batch; "
+        "gradients and statistics are summed over the ranks.",
+        "- 1 rank, half batch: one process on half the global batch (rollout and mini-batch), the work of one of the "
+        "two ranks without the other: twice its episodes/s is what 2 ranks would reach if data parallelism cost "
+        "nothing (the bound). The bound is below 2x because a forward or backward on half the rows takes more than "
+        "half the time (fixed costs per call; every call reads all the weights); what the group loses to the bound "
+        "is data parallelism's own cost (collectives, waiting for the slower rank, two processes at once).",
         "- Each timed iteration is the training loop's (so8t.recipe): agree on the stop and the deadline, update, "
         "agree on the stop and the save (with every rank's RNG states), `maybe_save`. The stall is `maybe_save`; "
-        "the agreements column is both agreements of an iteration, the wait for the slower rank included.",
+        "agreements are both agreements of an iteration, the wait for the slower rank included.",
+        "- episodes/CPU-s divides by the CPU time of all ranks together; its ratio is the parallel efficiency in work.",
         "",
-        "- episodes/CPU-s divides by the CPU time of all ranks together: their ratio (the parallel "
-        "efficiency) shows what data parallelism costs in work, whatever share of the cores the ranks got; "
-        "the episodes/s ratio is bounded by the cores the two ranks really had (see the load average).",
-        "",
-        "| side | episodes/s | episodes/CPU-s | update (median) | checkpoint stall (median) | agreements (median) "
-        "| episodes/s per launch |",
-        "|---|---:|---:|---:|---:|---:|---|",
-        f"| 1 rank x 1 thread | {eps[1]:.1f} | {per_cpu[1]:.1f} | {1000 * step[1]:.0f} ms | {1000 * stall[1]:.2f} ms "
-        f"| {1000 * agree[1]:.2f} ms | {per_round[1]} |",
-        f"| 2 ranks x 1 thread | {eps[2]:.1f} | {per_cpu[2]:.1f} | {1000 * step[2]:.0f} ms | {1000 * stall[2]:.2f} ms "
-        f"| {1000 * agree[2]:.2f} ms | {per_round[2]} |",
+        "| global batch | side | episodes/s | episodes/CPU-s | update (median) | checkpoint stall (median) "
+        "| agreements (median) | episodes/s per launch |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for batch in batches:
+        for name, _ranks, divisor in sides:
+            rs = results[(batch, name)]
+            lines.append(
+                f"| {batch // divisor} | {name} | {med(batch, name, eps):.1f} "
+                f"| {med(batch, name, lambda r: r['episodes'] / r['cpu']):.1f} "
+                f"| {1000 * med(batch, name, lambda r: r['step']):.0f} ms "
+                f"| {1000 * med(batch, name, lambda r: r['stall']):.2f} ms "
+                f"| {1000 * med(batch, name, lambda r: r['agree']):.2f} ms | {', '.join(f'{eps(r):.1f}' for r in rs)} |")
+    lines += [
         "",
         "| collectives (2 ranks, per iteration) | count |",
         "|---|---:|",
-        f"| in the update (statistics, gradient sums) | {counts[2]['update']:g} |",
-        f"| in the two boundary agreements | {counts[2]['boundary']:g} |",
-        f"| in the save (`maybe_save`, a checkpoint every update) | {counts[2]['save']:g} |",
+        f"| in the update (statistics, gradient sums) | {counts['update']:g} |",
+        f"| in the two boundary agreements | {counts['boundary']:g} |",
+        f"| in the save (`maybe_save`, a checkpoint every update) | {counts['save']:g} |",
         "",
-        "| ratio (2 ranks / 1 rank) | value | target | met |",
-        "|---|---:|---|---|",
-        f"| episodes/s | {speedup:.2f}x | >= 1.7x | {'yes' if speedup >= 1.7 else 'no'} |",
-        f"| episodes/CPU-s (parallel efficiency) | {efficiency:.2f}x | | |",
-        f"| checkpoint stall | {stall_ratio:.2f}x | <= 1.2x | {'yes' if stall_ratio <= 1.2 else 'no'} |",
+        "| global batch | episodes/s, 2 ranks / 1 rank (target >= 1.7x) | bound (2 x half batch / 1 rank) "
+        "| 2 ranks / bound | episodes/CPU-s, 2 ranks / 1 rank | checkpoint stall, 2 ranks / 1 rank (target <= 1.2x) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
+    for batch in batches:
+        one, two, half = (med(batch, n, eps) for n in ("1 rank", "2 ranks", "1 rank, half batch"))
+        cpu_two, cpu_one = (med(batch, n, lambda r: r["episodes"] / r["cpu"]) for n in ("2 ranks", "1 rank"))
+        stall_two, stall_one = (med(batch, n, lambda r: r["stall"]) for n in ("2 ranks", "1 rank"))
+        speedup, stall_ratio = two / one, stall_two / stall_one
+        lines.append(
+            f"| {batch} | {speedup:.2f}x ({'met' if speedup >= 1.7 else 'not met'}) | {2 * half / one:.2f}x "
+            f"| {two / (2 * half):.2f} | {cpu_two / cpu_one:.2f}x "
+            f"| {stall_ratio:.2f}x ({'met' if stall_ratio <= 1.2 else 'not met'}) |")
     text = "\n".join(lines)
     print("\n" + text)
     if not args.no_write_results:
