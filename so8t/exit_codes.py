@@ -1,6 +1,6 @@
 """The process exit codes of SO8T's commands, defined once.
 
-A job script acts on them (``[ $? -eq 75 ] && sbatch --requeue …``), a sweep decides from them
+A job script acts on them (``[ $? -eq 75 ] && scontrol requeue "$SLURM_JOB_ID"``), a sweep decides from them
 whether the other jobs still run (so8t.sweep), and every command — ``so8t-train``,
 ``so8t-export``, ``so8t-compare``, ``so8t-verify-resume`` — refuses a bad input with
 :attr:`ExitCode.REFUSED`. A stop signal exits with ``128 + its number`` (:func:`signal_exit_code`),

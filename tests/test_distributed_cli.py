@@ -15,6 +15,8 @@ What is proved here:
   rank; ``kill -9`` of one rank ends the group (status 137); the same command resumes from the
   last committed checkpoint and ends bit-exact to the twin.
 * A 2-rank checkpoint resumed by one process is refused (exit 2) with what to do.
+* SIGUSR1 to ``so8t-torchrun`` is forwarded to every rank (plain torchrun does not handle it):
+  one checkpoint, status 138.
 * ``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath) starts the same group.
 
 Kept as small as a run can be (tiny model, 8 episodes a step, 1 thread per rank): the twin,
@@ -43,8 +45,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name == "nt", reason="POSI
 
 TIMEOUT = 240  # per launch, generous for a loaded 2-core machine
 MAX_STEPS = 30
+# Two PPO epochs: every epoch's order is drawn up front and their token counts share a collective.
 RUN = ("output.progress_bars=false", "hardware.num_threads=1", "ppo.rollout_batch_size=8",
-       "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", f"max_steps={MAX_STEPS}", "checkpoint=step")
+       "ppo.mini_batch_size=4", "ppo.ppo_epochs=2", f"max_steps={MAX_STEPS}", "checkpoint=step")
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 # torchrun itself, ending with the group's exit status instead of 1 (so8t/torchrun.py).
 SO8T_TORCHRUN = (sys.executable, "-m", "so8t.torchrun", "--standalone", "--nproc_per_node", "2")
@@ -229,6 +232,25 @@ def test_sigterm_to_torchrun_saves_one_step_and_the_rerun_matches_the_twin(twin,
     assert again.wait() == 0, again.output[-4000:]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, MAX_STEPS + 1))
     assert_same_final(run_dir, twin)
+
+
+def test_so8t_torchrun_forwards_sigusr1_to_every_rank(launcher, tmp_path):
+    """SLURM's warning before a time limit: plain torchrun does not handle SIGUSR1 (the signal
+    would end it and leave its ranks running); so8t-torchrun forwards it like SIGTERM."""
+    cwd = tmp_path / "work"
+    group = launcher(cwd, "checkpoint.every_steps=1000", "max_steps=1000", label="usr1-launcher",
+                     via=SO8T_TORCHRUN)
+    wait_for(lambda: any(cwd.glob("outputs/*/runs/*")) and metric_rows(run_dir_of(cwd)) >= 2, group, "2 updates")
+    ranks = group.ranks()
+    group.popen.send_signal(signal.SIGUSR1)
+    assert group.wait() == 138, group.output[-4000:]
+    run_dir = run_dir_of(cwd)
+    attempt = session_of(run_dir)["attempts"][-1]
+    assert (attempt["end_reason"], attempt["exit_code"]) == ("SIGUSR1", 138)
+    store = CheckpointStore(run_dir / "checkpoints")
+    saved = store.list_checkpoints()
+    assert len(saved) == 1 and store.load(saved[0])[2]["reason"] == "signal"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
 
 
 def test_a_live_group_refuses_rivals_and_kill_9_of_a_rank_resumes_bit_exact(twin, launcher, tmp_path):

@@ -57,6 +57,39 @@ def test_whitening_ignores_padding():
     assert whitened[0, 2] == 0 and whitened[1, 2] == 0
 
 
+def _whiten_as_ranks(values: torch.Tensor, mask: torch.Tensor, shares: list[slice]) -> list[torch.Tensor]:
+    """Each rank's whitened share, every rank's moments handed over as the group's gather would."""
+    rows: list[torch.Tensor] = []
+
+    def gather(row: torch.Tensor) -> torch.Tensor:  # the group's all-gather, in rank order
+        return torch.cat(rows)
+
+    for share in shares:  # first pass: every rank's row, as the collective would collect them
+        masked_whiten(values[share], mask[share], gather=lambda row: rows.append(row) or row)
+    return [masked_whiten(values[share], mask[share], gather=gather) for share in shares]
+
+
+@pytest.mark.parametrize("shares", [
+    [slice(0, 3), slice(3, 6)],  # two ranks, tokens on both
+    [slice(0, 2), slice(2, 6)],  # one rank's rows are all padding
+    [slice(0, 1), slice(1, 4), slice(4, 6)],  # three ranks, uneven
+], ids=["even", "one-rank-empty", "three-ranks"])
+def test_whitening_over_ranks_equals_whitening_the_whole_batch(shares):
+    torch.manual_seed(3)
+    values = torch.randn(6, 5) * 4 + 7  # a mean far from 0: the combination must not cancel
+    mask = (torch.rand(6, 5) > 0.3).float()
+    mask[0:2] = 0  # rows 0-1 have no tokens
+    whole = masked_whiten(values, mask)
+    parts = _whiten_as_ranks(values, mask, shares)
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-5, rtol=0)
+
+
+def test_whitening_over_ranks_with_no_tokens_anywhere_gives_zeros_not_nan():
+    values, mask = torch.randn(4, 3), torch.zeros(4, 3)
+    parts = _whiten_as_ranks(values, mask, [slice(0, 2), slice(2, 4)])
+    assert all(torch.equal(part, torch.zeros(2, 3)) for part in parts)
+
+
 def test_kl_controllers():
     fixed = FixedKLController(0.05)
     fixed.update(100.0, 32)

@@ -479,8 +479,8 @@ class PPOTrainer:
         self.policy.train_without_dropout()
         stats: dict[str, list[float]] = {}
         # Every epoch's order is drawn up front, so all the mini-batches' token counts travel in
-        # one collective; nothing in an epoch draws random numbers (no dropout), so the orders
-        # are the ones each epoch would have drawn at its start.
+        # one collective. Where nothing in an epoch draws random numbers (dropout is off, see
+        # train_without_dropout) these are the orders each epoch would have drawn at its start.
         n = scored.rollout.response_ids.shape[0]
         orders = [scored.first_order] + [torch.randperm(n, device=self.device) for _ in range(self.cfg.ppo_epochs - 1)]
         epochs = [self._mini_batches(order) for order in orders]
