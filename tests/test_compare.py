@@ -324,3 +324,10 @@ def test_runs_logged_under_the_old_metric_names_compare_with_new_ones(tmp_path, 
     assert report["metrics"] == [{"name": "policy/entropy", "mode": "max"}]
     assert {r["run"]: r["metrics"]["policy/entropy"]["last"] for r in report["runs"]} == {"runs/old": 1.2,
                                                                                        "runs/new": 0.9}
+    # ... and so does one in --sort and --filter, with no "no run has" warning.
+    code, out, err = run_cli(tmp_path, "--format", "json", "--sort=-best:entropy", "--filter", "loss/policy_loss=0.2",
+                             capsys=capsys)
+    assert code == 0 and err == ""
+    assert [r["run"] for r in json.loads(out)["runs"]] == ["runs/old"]
+    code, out, err = run_cli(tmp_path, "--format", "json", "--sort=entropy", capsys=capsys)
+    assert err == "" and [r["run"] for r in json.loads(out)["runs"]] == ["runs/new", "runs/old"]

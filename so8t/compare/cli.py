@@ -7,7 +7,7 @@ import shutil
 import sys
 from typing import Sequence
 
-from so8t.compare.comparison import COLUMNS, Comparison, compare
+from so8t.compare.comparison import COLUMNS, Comparison, compare, current_key
 from so8t.compare.metrics import DEFAULT_METRIC
 from so8t.compare.plot import plot
 from so8t.compare.render import render_csv, render_json, render_markdown, render_table
@@ -82,5 +82,5 @@ def _unknown_keys(cmp: Comparison, keys: Sequence[str]) -> list[str]:
         return []
     known = set(COLUMNS) | {"path"} | cmp.known_keys
     known |= {f"best:{k}" for k in cmp.known_keys}
-    return [k for k in dict.fromkeys(keys) if k not in known]
+    return [k for k in dict.fromkeys(keys) if current_key(k) not in known]
 

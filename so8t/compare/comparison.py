@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from so8t.compare.metrics import DEFAULT_METRIC, Metric, MetricSummary, summarize, unique_metrics
 from so8t.compare.runs import Damaged, Run, Skipped, find_runs, load_run
 from so8t.compare.text import MISSING, is_below, is_number, jsonable, natural_key, short_error
+from so8t.run.metrics import current_metric_name
 
 JSON_VERSION = 1
 
@@ -63,6 +64,14 @@ def field_value(run: Run, key: str, metrics: dict[str, MetricSummary]) -> Any:
         summary = summarize(run.rows, Metric.parse(name))
         return summary.best if best else summary.last
     return MISSING
+
+
+def current_key(key: str) -> str:
+    """A --sort/--filter key with a metric's old name (``entropy``, ``best:lr`` …) under today's
+    name, as the rows read by read_metrics carry it; any other key as it is."""
+    best = key.startswith("best:")
+    name = current_metric_name(key[5:] if best else key)
+    return f"best:{name}" if best else name
 
 
 def _matches(value: Any, pattern: str) -> bool:
@@ -150,10 +159,11 @@ def compare(paths: Sequence[str | os.PathLike[str]], metrics: Sequence[str] = (D
     pairs = list(zip(runs, summaries))
     for spec in filters:
         key, _, pattern = spec.partition("=")
-        pairs = [(r, s) for r, s in pairs if _matches(field_value(r, key.strip(), s), pattern.strip())]
+        key = current_key(key.strip())
+        pairs = [(r, s) for r, s in pairs if _matches(field_value(r, key, s), pattern.strip())]
     if sort:
         descending = sort.startswith("-")
-        key = sort.lstrip("-+")
+        key = current_key(sort.lstrip("-+"))
         present = [p for p in pairs if field_value(p[0], key, p[1]) not in (MISSING, None)]
         absent = [p for p in pairs if field_value(p[0], key, p[1]) in (MISSING, None)]
         present.sort(key=lambda p: _sort_key(field_value(p[0], key, p[1])), reverse=descending)
