@@ -17,6 +17,7 @@ What is proved here:
 * A 2-rank checkpoint resumed by one process is refused (exit 2) with what to do.
 * SIGUSR1 to ``so8t-torchrun`` is forwarded to every rank (plain torchrun does not handle it):
   one checkpoint, status 138.
+* A Hydra sweep under torchrun runs each job as a 2-rank run; the same command skips them after.
 * ``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath) starts the same group.
 
 Kept as small as a run can be (tiny model, 8 episodes a step, 1 thread per rank): the twin,
@@ -353,6 +354,29 @@ def test_a_rank_that_stops_answering_fails_the_group_after_the_collective_timeou
     again = launcher(cwd, *overrides, "max_steps=6", label="resumed")  # the lock is free again
     assert again.wait() == 0, again.output[-4000:]
     assert "resumed from step" in (run_dir / "train.log").read_text()
+
+
+def test_a_sweep_of_distributed_jobs_runs_each_on_the_group_and_a_rerun_skips_them(tmp_path):
+    """``torchrun … -m so8t.train -m seed=1,2``: every rank runs the jobs in the same order, each
+    job a 2-rank run in its own folder; the same command again finds both completed."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    sweep = [*TORCHRUN, "-m", "so8t.train", "-m", *(o for o in RUN if not o.startswith("max_steps=")),
+             "max_steps=3", "seed=1,2"]
+    first = Launch(cwd, sweep, "sweep")
+    assert first.wait() == 0, first.output[-4000:]
+    jobs = sorted(cwd.glob("outputs/default/sweeps/*/*/session.json"))
+    assert [p.parent.name.rsplit(",", 1)[-1] for p in jobs] == ["seed=1", "seed=2"]
+    for session in jobs:
+        run_dir = session.parent
+        assert (session_of(run_dir)["status"], session_of(run_dir)["global_step"]) == ("completed", 3)
+        assert f"run dir: {run_dir}" in (run_dir / "train.rank1.log").read_text()  # rank 1 ran this job
+        store = CheckpointStore(run_dir / "checkpoints")
+        assert store.load(store.list_checkpoints()[-1])[2]["world_size"] == 2
+    again = Launch(cwd, sweep, "sweep-again")
+    assert again.wait() == 0, again.output[-4000:]
+    assert again.output.count("run already completed") == 2  # both jobs (rank 1 prints only warnings)
+    assert [len(session_of(p.parent)["attempts"]) for p in jobs] == [1, 1]  # nothing ran again
 
 
 def test_accelerate_launch_starts_the_same_group(tmp_path):
