@@ -17,6 +17,7 @@ What is proved here:
 * A 2-rank checkpoint resumed by one process is refused (exit 2) with what to do.
 * SIGUSR1 to ``so8t-torchrun`` is forwarded to every rank (plain torchrun does not handle it):
   one checkpoint, status 138.
+* Ranks that cannot stop are killed after torchrun's shutdown timeout: ``so8t-torchrun`` says 137.
 * A Hydra sweep under torchrun runs each job as a 2-rank run; the same command skips them after.
 * ``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath) starts the same group.
 
@@ -251,6 +252,22 @@ def test_so8t_torchrun_forwards_sigusr1_to_every_rank(launcher, tmp_path):
     store = CheckpointStore(run_dir / "checkpoints")
     saved = store.list_checkpoints()
     assert len(saved) == 1 and store.load(saved[0])[2]["reason"] == "signal"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
+
+
+def test_so8t_torchrun_says_137_when_a_rank_had_to_be_killed_after_the_shutdown_timeout(launcher, tmp_path):
+    """Ranks that cannot stop (here: suspended) are SIGKILLed by torchrun after its shutdown
+    timeout; the launcher's status must not claim that they stopped on the signal."""
+    cwd = tmp_path / "work"
+    group = launcher(cwd, "checkpoint.every_steps=1000", "max_steps=1000", label="stuck", via=SO8T_TORCHRUN,
+                     shutdown_timeout=2)
+    wait_for(lambda: any(cwd.glob("outputs/*/runs/*")) and metric_rows(run_dir_of(cwd)) >= 1, group, "an update")
+    ranks = group.ranks()
+    for proc in ranks.values():
+        proc.suspend()
+    group.popen.send_signal(signal.SIGTERM)
+    assert group.wait() == 137, group.output[-4000:]
+    assert "a rank did not stop within the shutdown timeout and was killed; exit status 137" in group.output
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
 
 
