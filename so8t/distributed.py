@@ -38,6 +38,7 @@ no process group is created, so the single-process run is unchanged bit for bit.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal as signal_module
@@ -271,10 +272,25 @@ def join_group(hw_cfg) -> Group:
         # The timeout bounds every collective (and the rendezvous): a rank that died inside
         # one makes the others fail with an error after this long instead of hanging.
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout))
+        # Torn down before the interpreter exits (as torchtitan does at the end of training): a
+        # group left to C++'s exit-time destructors can abort the process ("terminate called
+        # without an active exception", SIGABRT instead of the exit code) when ranks exit at
+        # nearly the same moment, e.g. both refusing a run dir in use on a loaded machine.
+        atexit.register(_leave_group)
     _GROUP = Group(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
     log.info("rank %d of %d (local rank %d, backend %s, collective timeout %.0f s)",
              rank, world_size, local_rank, backend, timeout)
     return _GROUP
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - leaving must not turn the exit code into a crash
+            log.debug("destroying the process group: %s", exc)
 
 
 def check_batch_sizes(ppo_cfg, hw_cfg, group: Group) -> None:
