@@ -7,15 +7,9 @@ from typing import Callable
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
-                total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean over the masked entries. ``total`` turns a local sum into the sum over every rank
-    of a process group (so8t.distributed.Group.sum); only with ``dim=None``."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over the masked entries (of all of them, or along ``dim``)."""
     mask = mask.to(values.dtype)
-    if dim is None and total is not None:
-        # One collective for both sums.
-        sums = total(torch.stack([(values * mask).sum(), mask.sum()]))
-        return sums[0] / sums[1].clamp(min=1)
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
